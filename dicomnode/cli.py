@@ -1,0 +1,109 @@
+"""`dicomnode` command line: thin wrappers over plain functions, one subcommand each."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dicomnode import __version__
+
+
+def _phantom(args: argparse.Namespace) -> int:
+    from training.phantom.generator import PhantomOptions, generate_study
+
+    contrasts = tuple(c.strip().upper() for c in args.contrasts.split(",") if c.strip())
+    bad = [c for c in contrasts if c not in ("T1", "T2", "STIR")]
+    if bad:
+        raise SystemExit(f"error: unknown contrast {bad[0]!r}; choose from T1, T2, STIR")
+    options = PhantomOptions(contrasts=contrasts, axial=args.axial, study_class=args.study_class,
+                             lordosis_deg=args.lordosis, max_matrix=args.max_matrix)
+    for i in range(args.count):
+        seed = args.seed + i
+        out = Path(args.out) if args.count == 1 else Path(args.out) / f"study_{seed:06d}"
+        t0 = time.perf_counter()
+        truth = generate_study(out, seed, options)
+        print(f"[{i + 1}/{args.count}] seed {seed}: {truth['study_class']}, lordosis L1-S1 "
+              f"{truth['lordosis_deg']['L1-S1']:.1f} deg, {len(truth['series'])} series -> {out} "
+              f"({time.perf_counter() - t0:.1f} s)", flush=True)
+    return 0
+
+
+def _real_to_dicom(args: argparse.Namespace) -> int:
+    from training.datasets.real_lumbar import DEFAULT_DIR, case_paths, case_to_dicom, load_case
+
+    root = Path(args.data) if args.data else DEFAULT_DIR
+    paths = [Path(c) if c.endswith(".npz") else root / f"{c}.npz" for c in args.cases] or case_paths(root)
+    for p in paths:
+        if not p.exists():
+            raise SystemExit(f"error: no real case at {p}")
+        out = Path(args.out) / p.stem
+        truth = case_to_dicom(load_case(p), out)
+        print(f"{p.stem}: {truth['kind']} labels {list(truth['levels'])} -> {out}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from training.phantom.generator import PhantomOptions, generate_study
+    from training.phantom.preview import study_preview
+
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dicomnode-demo-"))
+    print(f"dicomnode {__version__} demo: generating a synthetic lumbar MR study (seed {args.seed})")
+    t0 = time.perf_counter()
+    truth = generate_study(out, args.seed, PhantomOptions(axial=True))
+    n_files = sum(1 for _ in (out / "dicom").rglob("*.dcm"))
+    print(f"  {n_files} DICOM files in {len(truth['series'])} series under {out / 'dicom'} ({time.perf_counter() - t0:.1f} s)")
+    for s in truth["series"]:
+        a = s["acquisition"]
+        print(f"    {s['description']:8s} {a['matrix']}x{a['matrix']}, {a['slices']} slices, "
+              f"{a['pixel_spacing_mm']:.2f} mm pixels, {a['slice_thickness_mm']:.1f} mm thick")
+    print(f"  truth: class {truth['study_class']}, lordosis L1-S1 {truth['lordosis_deg']['L1-S1']:.1f} deg "
+          f"({truth['lordosis_class']}), L1-L5 {truth['lordosis_deg']['L1-L5']:.1f} deg")
+    for level, v in truth["levels"].items():
+        notes = [f"{k}={v[k]}" for k in ("herniation", "spinal_canal_stenosis", "disc_degeneration", "marrow")
+                 if k in v and v[k] not in ("none", "normal", "normal_mild")]
+        if notes:
+            print(f"    {level:6s} " + ", ".join(notes))
+    png = study_preview(out, out / "preview.png")
+    print(f"  preview: {png}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dicomnode", description="DICOM AI node for lumbar spine MRI.")
+    p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    ph = sub.add_parser("phantom", help="write synthetic lumbar MR studies with exact ground truth")
+    ph.add_argument("--out", required=True, help="output folder (DIR/dicom, DIR/truth)")
+    ph.add_argument("--seed", type=int, default=0)
+    ph.add_argument("--count", type=int, default=1, help="studies with seeds seed..seed+count-1, one folder each")
+    ph.add_argument("--contrasts", default="T2,T1,STIR", help="sagittal series to write, e.g. T2,T1")
+    ph.add_argument("--axial", action="store_true", help="also write an axial T2 series (3 slices per disc)")
+    ph.add_argument("--study-class", choices=["healthy", "herniated_disc", "spinal_stenosis", "spondylosis"])
+    ph.add_argument("--lordosis", type=float, help="L1-S1 lordosis in degrees (default: drawn from 10-80)")
+    ph.add_argument("--max-matrix", type=int, default=640, help="largest acquisition matrix to draw")
+    ph.set_defaults(func=_phantom)
+
+    rd = sub.add_parser("real-to-dicom", help="write real cases (shared/data/real_lumbar) as DICOM series")
+    rd.add_argument("cases", nargs="*", help="case ids (VB3_01) or .npz paths; default: all")
+    rd.add_argument("--out", required=True)
+    rd.add_argument("--data", help="folder of the .npz cases")
+    rd.set_defaults(func=_real_to_dicom)
+
+    de = sub.add_parser("demo", help="generate a synthetic study and show what it contains")
+    de.add_argument("--out", help="folder to write to (default: a new temporary folder)")
+    de.add_argument("--seed", type=int, default=2026)
+    de.set_defaults(func=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
