@@ -1,0 +1,186 @@
+"""The ground truth is what the masks and images show, measured here by independent methods."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.phantom.anatomy import LABEL_VALUES, LUMBAR_DISCS
+from training.phantom.generator import (PhantomOptions, acquisitions, design_study, generate_study,
+                                        lordosis_class)
+from training.phantom.geometry import SlicePlane, stack, rotation
+from training.phantom.mr import Contrast, signal_table
+from training.phantom.pathology import grade_of
+from training.phantom.render import paint_plane, render_series
+
+
+def _yz(plane: SlicePlane, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """(y, z) patient coordinates of pixel positions: the projection on the sagittal plane."""
+    p = plane.position + np.outer(c * plane.pixel_spacing[1], plane.row_cosine) + np.outer(r * plane.pixel_spacing[0], plane.col_cosine)
+    return p[:, 1:]
+
+
+def _mask_points(planes: list[SlicePlane], labels: list[np.ndarray], value: int) -> np.ndarray:
+    return np.concatenate([_yz(p, *np.nonzero(lab == value)) for p, lab in zip(planes, labels)])
+
+
+def superior_endplate_angle(planes: list[SlicePlane], labels: list[np.ndarray], value: int) -> float:
+    """Angle (deg, in the sagittal plane) of the superior boundary of a vertebral body mask.
+
+    Independent of how the generator builds the spine: principal axes of the mask give its
+    antero-posterior direction; in every slice the boundary between the first labelled pixel of
+    each image column and the pixel above it is a point of the endplate; a least-squares line
+    through those points over the central 60 % of the body gives the angle, refitted without
+    points more than 1 mm off the first line (osteophytes).
+    """
+    pts = _mask_points(planes, labels, value)
+    centre = pts.mean(axis=0)
+    _, vecs = np.linalg.eigh(np.cov((pts - centre).T))
+    a_dir, b_dir = vecs[:, 1] * np.sign(vecs[0, 1]), vecs[:, 0] * np.sign(vecs[1, 0])  # +y, +z
+    lo, hi = np.percentile((pts - centre) @ a_dir, [20, 80])
+    edges = []
+    for plane, lab in zip(planes, labels):
+        m = lab == value
+        cols = np.nonzero(m.any(axis=0))[0]
+        edges.append(_yz(plane, np.argmax(m, axis=0)[cols] - 0.5, cols))
+    e = np.concatenate(edges) - centre
+    a, b = e @ a_dir, e @ b_dir
+    a, b = a[(a > lo) & (a < hi)], b[(a > lo) & (a < hi)]
+    fit = np.polyfit(a, b, 1)
+    inlier = np.abs(np.polyval(fit, a) - b) < 1.0  # osteophytes rise above the endplate line
+    d = a_dir + np.polyfit(a[inlier], b[inlier], 1)[0] * b_dir
+    return float(np.degrees(np.arctan2(d[1], d[0])))
+
+
+def _endplate_angle(planes: list[SlicePlane], labels: list[np.ndarray], value: int) -> float:
+    """Superior endplate angle from the slices that cut the body near its middle (>= 70 % of its
+    largest area), so that slices grazing its side do not count."""
+    areas = np.array([(lab == value).sum() for lab in labels])
+    keep = np.nonzero(areas >= 0.7 * areas.max())[0]
+    return superior_endplate_angle([planes[i] for i in keep], [labels[i] for i in keep], value)
+
+
+def test_lordosis_from_the_label_volume_matches_truth_over_200_seeds() -> None:
+    """0.4 mm label volumes around L1 and S1, re-measured from the masks: within 1 deg.
+
+    Seven slices 1.5 mm apart, turned in plane by up to 15 deg and tilted out of plane by 2-5 deg,
+    so that each slice samples the endplate at another pixel phase.
+    """
+    rng = np.random.default_rng(0)
+    errors = []
+    for seed in range(200):
+        d = design_study(seed)
+        tilt = rng.uniform(2, 5, size=2) * rng.choice([-1, 1], size=2)
+        rot = rotation(rng.uniform(-15, 15), *tilt)
+        angle = {}
+        for name in ("L1", "S1"):
+            planes = stack(d.chain[name].to_patient(0, 0, 0), rot, 220, 220, 0.4, 7, 1.5, 1.0)
+            angle[name] = _endplate_angle(planes, [paint_plane(d.shapes, p)[0] for p in planes], LABEL_VALUES[name])
+        errors.append(abs(angle["S1"] - angle["L1"] - d.lordosis["L1-S1"]))
+    errors = np.array(errors)
+    assert errors.max() < 1.0, f"max error {errors.max():.2f} deg (mean {errors.mean():.2f}) at seed {errors.argmax()}"
+
+
+def test_lordosis_from_the_written_series_labels_is_within_pixel_limits() -> None:
+    """On each study's own T2 series (0.4-1.2 mm pixels, 3-6 mm apart) the masks still give the
+    angle; the tolerance is what a digital boundary of that pixel size allows."""
+    errors = []
+    for seed in range(40):
+        d = design_study(seed)
+        acq = acquisitions(d, PhantomOptions(contrasts=("T2",)))[0]
+        labels = [paint_plane(d.shapes, p)[0] for p in acq.planes]
+        l1, s1 = (_endplate_angle(acq.planes, labels, LABEL_VALUES[k]) for k in ("L1", "S1"))
+        errors.append(abs(s1 - l1 - d.lordosis["L1-S1"]))
+    assert np.mean(errors) < 0.3 and max(errors) < 1.5, errors
+
+
+def test_lordosis_covers_10_to_80_and_classes_follow_thresholds() -> None:
+    angles = [design_study(s).lordosis["L1-S1"] for s in range(40)]
+    assert min(angles) < 25 and max(angles) > 60
+    assert all(10 - 1e-6 <= a <= 80 + 1e-6 for a in angles)
+    assert lordosis_class(38.9) == "hypolordosis" and lordosis_class(39) == "normal"
+    assert lordosis_class(53) == "normal" and lordosis_class(53.1) == "hyperlordosis"
+
+
+def _patch(d, centre: np.ndarray, x_half: float) -> tuple[list[SlicePlane], list[np.ndarray]]:
+    """Label slices 1 mm apart and 0.4 mm pixels, 80 mm square around `centre`: for measuring shapes."""
+    planes = stack(centre, rotation(0, 0, 0), 200, 200, 0.4, int(2 * x_half) + 1, 1.0, 1.0)
+    return planes, [paint_plane(d.shapes, p)[0] for p in planes]
+
+
+def _pca(yz: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre, antero-posterior axis (+y) and long axis (+z) of a mask in the sagittal plane."""
+    c = yz.mean(axis=0)
+    _, vecs = np.linalg.eigh(np.cov((yz - c).T))
+    return c, vecs[:, 1] * np.sign(vecs[0, 1]), vecs[:, 0] * np.sign(vecs[1, 0])
+
+
+def test_herniations_reach_past_the_posterior_vertebral_line() -> None:
+    """From the masks alone: the posterior vertebral line joins the posterior corners of the two
+    bodies next to the disc; a protrusion or extrusion reaches past it by its stated depth, a
+    normal disc does not."""
+    seen = {"protrusion": 0, "extrusion": 0, "none": 0}
+    for seed in range(30):
+        d = design_study(seed, PhantomOptions(study_class="herniated_disc"))
+        for disc in LUMBAR_DISCS:
+            lv = d.levels[disc]
+            if lv["herniation"] == "bulge":
+                continue
+            planes, labels = _patch(d, d.chain[disc].to_patient(0, 10, 0), 14)
+            disc_pts = _mask_points(planes, labels, LABEL_VALUES[disc])
+            centre, ap, _ = _pca(disc_pts)
+            walls = []
+            for body, side in zip(disc.split("/"), (-1, 1)):
+                pts = _mask_points(planes, labels, LABEL_VALUES[body])
+                c, _, axis = _pca(pts)
+                h = side * ((pts - c) @ axis)  # large next to this disc
+                near = h > np.percentile(h, 80)
+                walls.append(((pts[near] - centre) @ ap).max())
+            reach = ((disc_pts - centre) @ ap).max() - np.mean(walls)
+            seen[lv["herniation"]] += 1
+            if lv["herniation"] == "none":
+                assert reach < 1.0, (seed, disc, reach)
+            else:
+                assert abs(reach - lv["herniation_depth_mm"]) < 1.5, (seed, disc, reach, lv["herniation_depth_mm"])
+        if min(seen.values()) >= 3:
+            break
+    assert min(seen.values()) >= 3, seen
+
+
+def test_stenosis_narrows_the_canal_by_the_stated_amount(tmp_path) -> None:
+    """Canal area on the axial series' mid-disc slices against the truth's stated narrowing."""
+    checked = {"normal_mild": 0, "moderate": 0, "severe": 0}
+    for seed in range(40):
+        truth = generate_study(tmp_path / str(seed), seed,
+                               PhantomOptions(contrasts=(), axial=True, study_class="spinal_stenosis", max_matrix=448))
+        s = truth["series"][0]
+        labels = np.load(tmp_path / str(seed) / "truth" / s["labels_file"])["labels"]
+        px = s["acquisition"]["pixel_spacing_mm"] ** 2
+        for disc, (_, mid, _) in s["disc_blocks"].items():
+            lv = truth["levels"][disc]
+            area = (labels[mid] == LABEL_VALUES["canal"]).sum() * px
+            measured = 1 - area / lv["canal_area_normal_mm2"]
+            assert abs(area - lv["canal_area_mm2"]) < 0.04 * lv["canal_area_normal_mm2"] + 4 * px, (seed, disc)
+            assert abs(100 * measured - lv["canal_narrowing_pct"]) < 5, (seed, disc, measured, lv["canal_narrowing_pct"])
+            assert lv["spinal_canal_stenosis"] == grade_of(lv["canal_narrowing_pct"] / 100)
+            checked[lv["spinal_canal_stenosis"]] += 1
+        if min(checked.values()) >= 2:
+            break
+    assert min(checked.values()) >= 2, checked
+
+
+@pytest.mark.parametrize("kind,t1_sign,t2_sign", [("modic1", -1, +1), ("modic2", +1, +1), ("modic3", -1, -1)])
+def test_modic_types_change_t1_and_t2_signal_the_right_way(kind: str, t1_sign: int, t2_sign: int) -> None:
+    seed = next(s for s in range(500) if any(v.marrow == kind and v.modic_strength > 0.6
+                                             for v in design_study(s).findings.vertebrae.values()))
+    d = design_study(seed)
+    level = next(k for k, v in d.findings.vertebrae.items() if v.marrow == kind and v.modic_strength > 0.6)
+    planes, _ = _patch(d, d.chain[level].to_patient(0, 0, 0), 4)
+    tissue_id = next(i for i, n in enumerate(d.tissues.names) if n.startswith(kind))
+    marrow_id = d.tissues.names.index("marrow")
+    for contrast, sign in ((Contrast("T1", 550, 12), t1_sign), (Contrast("T2", 3500, 100), t2_sign)):
+        labels, tissue, image = render_series(d.shapes, planes, signal_table(d.tissues.names, contrast, d.nucleus_t2))
+        in_level = labels == LABEL_VALUES[level]
+        modic = image[in_level & (tissue == tissue_id)].mean()
+        normal = image[in_level & (tissue == marrow_id)].mean()
+        assert sign * (modic - normal) > 0.1 * normal, (kind, contrast.name, modic, normal)
