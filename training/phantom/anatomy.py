@@ -92,13 +92,13 @@ class Element:
 class Shape:
     """A structure that paints a label and tissues where `inside` holds.
 
-    `paint(p)` returns (mask, tissue) for points p (N, 3): tissue is an int array for the masked
-    points or a single int. `lo`/`hi` bound the shape in patient space so that painting touches only
+    `paint(p)` returns (mask, tissue) for points p (..., 3): tissue is an int array of the mask's
+    shape or a single int. `lo`/`hi` bound the shape in patient space so that painting touches only
     the pixels that can be inside.
     """
 
     name: str
-    label: int | None
+    label: int
     lo: np.ndarray
     hi: np.ndarray
     paint: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray | int]]

@@ -35,6 +35,8 @@ class DiscFindings:
     flavum_mm: float = 0.0  # ligamentum flavum thickening into the canal
     facet_left: float = 0.0  # facet hypertrophy, 0 (none) .. 1 (marked)
     facet_right: float = 0.0
+    foraminal_left: float = 0.0  # disc-osteophyte complex in the foramen, 0 (none) .. 1 (marked)
+    foraminal_right: float = 0.0
     degeneration: str = "none"  # none | mild | moderate | severe
     height_loss: float = 0.0  # fraction of the disc height
     nucleus_t2: float = 1.0  # factor on nucleus T2 (dark disc)
@@ -108,7 +110,7 @@ def sample_findings(rng: np.random.Generator, target: str) -> Findings:
     elif target == "spinal_stenosis":
         for lv in _levels(rng, int(rng.integers(1, 3))):
             d = f.discs[lv]
-            d.flavum_mm = rng.uniform(2.5, 6.0)
+            d.flavum_mm = rng.uniform(2.5, 7.5)
             d.facet_left, d.facet_right = rng.uniform(0.3, 1.0), rng.uniform(0.3, 1.0)
             if rng.random() < 0.5:
                 _herniate(d, "bulge", rng)
@@ -119,9 +121,12 @@ def sample_findings(rng: np.random.Generator, target: str) -> Findings:
             f.vertebrae[str(v)].osteophyte_mm = rng.uniform(2.0, 6.0)
         if rng.random() < 0.3:
             f.discs[str(rng.choice(["L4/L5", "L5/S1"]))].slip_pct = rng.uniform(10, 30)
-    for d in f.discs.values():  # unilateral facet changes narrow foramina and recesses alone
+    p_foraminal = 0.3 if target in ("spinal_stenosis", "spondylosis") else 0.08
+    for d in f.discs.values():  # unilateral changes narrow a foramen or a recess alone
         if rng.random() < 0.1:
             setattr(d, str(rng.choice(["facet_left", "facet_right"])), rng.uniform(0.2, 1.0))
+        if rng.random() < p_foraminal:
+            setattr(d, str(rng.choice(["foraminal_left", "foraminal_right"])), rng.uniform(0.1, 1.0))
     _sample_marrow(f, rng)
     return f
 

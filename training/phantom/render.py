@@ -20,8 +20,7 @@ def paint_plane(shapes: list[Shape], plane: SlicePlane, offset: float = 0.0) -> 
         mask, t = s.paint(plane.points(r0, r1, c0, c1, offset))
         if not mask.any():
             continue
-        if s.label is not None:
-            labels[r0:r1, c0:c1][mask] = s.label
+        labels[r0:r1, c0:c1][mask] = s.label
         tissue[r0:r1, c0:c1][mask] = t if np.isscalar(t) else t[mask]
     return labels, tissue
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.phantom.anatomy import (DISCS, LABEL_VALUES, VERTEBRAE, Element, Shape, SpineParams,
-                                      element_box, superellipse)
+from training.phantom.anatomy import DISCS, LABEL_VALUES, VERTEBRAE, Element, Shape, SpineParams, element_box, superellipse
 from training.phantom.pathology import DiscFindings, Findings, VertebraFindings
 
 
@@ -58,8 +57,10 @@ def build_shapes(p: SpineParams, chain: dict[str, Element], f: Findings, t: Tiss
         el, df = chain[name], f.discs.get(name, none_d)
         use = df if intrusions else none_d
         shapes.append(_flavum(el, p, use.flavum_mm, t))
-        for side, hyp in ((1, use.facet_left), (-1, use.facet_right)):  # +x is the patient's left
-            shapes.append(_facet(el, p, side, hyp, t))
+        for side, hyp, spur in ((1, use.facet_left, use.foraminal_left), (-1, use.facet_right, use.foraminal_right)):
+            shapes.append(_facet(el, p, side, hyp, t))  # +x is the patient's left
+            if spur > 0:
+                shapes.append(_foraminal_spur(el, name, p, side, spur, t))
         shapes.append(_disc(el, name, df, use.bulge_mm, t))
         if intrusions and df.herniation in ("protrusion", "extrusion"):
             shapes.append(_herniation(el, name, df, rl, t))
@@ -200,6 +201,19 @@ def _facet(el: Element, p: SpineParams, side: int, hyp: float, t: Tissues) -> Sh
                  *element_box(el, cu - ru, cu + ru, -rw, rw, cx - rx, cx + rx), paint)
 
 
+def _foraminal_spur(el: Element, name: str, p: SpineParams, side: int, sev: float, t: Tissues) -> Shape:
+    """Disc-osteophyte complex bulging from the posterolateral disc margin into the foramen."""
+    cx, cu = side * (p.canal_lr_radius + 5), el.depth / 2 - 2 + 4 * sev
+    rx, ru, rw = 5.0, 2 + 6 * sev, 3 + 3 * sev
+    annulus = t("annulus")
+
+    def paint(q: np.ndarray):
+        x, u, w, _, _ = el.local(q)
+        return ((x - cx) / rx) ** 2 + ((u - cu) / ru) ** 2 + (w / rw) ** 2 <= 1, annulus
+
+    return Shape(f"foraminal {name}", LABEL_VALUES[name], *element_box(el, cu - ru, cu + ru, -rw, rw, cx - rx, cx + rx), paint)
+
+
 def _disc(el: Element, name: str, df: DiscFindings, bulge: float, t: Tissues) -> Shape:
     ru, rx, h = el.depth / 2 + bulge, el.width / 2 + bulge, el.height
     annulus = t("annulus")
@@ -208,7 +222,7 @@ def _disc(el: Element, name: str, df: DiscFindings, bulge: float, t: Tissues) ->
     def paint(q: np.ndarray):
         x, u, w, below_top, above_bottom = el.local(q)
         m = (superellipse(u, x, ru, rx, 2.2) <= 1) & (below_top >= 0) & (above_bottom >= 0)
-        nuc = ((u - 0.05 * el.depth) / (0.27 * el.depth)) ** 2 + (x / (0.28 * el.width)) ** 2 + (w / (0.32 * h)) ** 2 <= 1
+        nuc = ((u - 0.05 * el.depth) / (0.32 * el.depth)) ** 2 + (x / (0.32 * el.width)) ** 2 + (w / (0.36 * h)) ** 2 <= 1
         return m, np.where(nuc, nucleus, annulus)
 
     return Shape(f"disc {name}", LABEL_VALUES[name], *element_box(el, -ru, ru, -h, h, -rx, rx), paint)

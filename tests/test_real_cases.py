@@ -1,0 +1,78 @@
+"""Real cases load with their partial labels and travel the same DICOM path as the phantom."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from tests.conftest import dciodvfy_errors, patient_coords, read_series
+from training.datasets.real_lumbar import DEFAULT_DIR, case_paths, case_to_dicom, load_case, load_cases
+
+pytestmark = pytest.mark.skipif(not DEFAULT_DIR.exists(), reason=f"real cases not found at {DEFAULT_DIR}")
+
+
+def test_all_cases_load_with_consistent_labels() -> None:
+    cases = load_cases()
+    manifest = {m["case"]: m for m in json.loads((DEFAULT_DIR / "manifest.json").read_text())}
+    assert len(cases) == len(manifest) == 54
+    assert {c.dataset for c in cases} == {"VB1", "VB3", "IVD"}
+    for c in cases:
+        assert c.image.shape == c.labels.shape == tuple(manifest[c.case_id]["shape"])
+        assert list(c.names) == manifest[c.case_id]["levels"]
+        assert set(np.unique(c.labels)) == set(range(len(c.names) + 1))
+        # Ordered superior to inferior: label k's centroid lies above label k+1's (row 0 superior).
+        rows = [np.nonzero(c.labels == k)[0].mean() for k in range(1, len(c.names) + 1)]
+        assert rows == sorted(rows), c.case_id
+        assert c.kind in ("vertebral_body", "disc")
+
+
+def test_label_values_follow_the_phantom_convention() -> None:
+    vb3 = load_case(DEFAULT_DIR / "VB3_01.npz")
+    ivd = load_case(DEFAULT_DIR / "IVD_11.npz")
+    vb1 = load_case(DEFAULT_DIR / "VB1_02.npz")
+    assert vb3.label_values() == {"L1": 1, "L2": 2, "L3": 3, "L4": 4, "L5": 5}
+    assert ivd.label_values()["L4/L5"] == 14
+    assert vb1.label_values()["level1_from_top"] == 101  # level unknown: kept apart from L1..S1
+    assert set(np.unique(vb3.relabelled())) == {0, 1, 2, 3, 4, 5}
+
+
+def test_unlabelled_structures_are_not_background() -> None:
+    """The `known` mask covers every labelled voxel but leaves the unlabelled spine open."""
+    for path in (DEFAULT_DIR / "VB3_01.npz", DEFAULT_DIR / "IVD_11.npz"):
+        c = load_case(path)
+        known = c.known()
+        assert known[c.labels > 0].all()
+        # Just above the top labelled structure lies unlabelled anatomy (T12 or a vertebra): unknown.
+        rows, cols, slices = np.nonzero(c.labels == 1)
+        above = (max(rows.min() - 8, 0), int(np.median(cols)), int(np.median(slices)))
+        assert not known[above]
+        assert 0.2 < known.mean() < 0.95
+
+
+@pytest.mark.parametrize("case_id", ["VB3_01", "IVD_11", "VB1_02"])
+def test_case_as_dicom_is_valid_and_reads_back(case_id: str, tmp_path: Path) -> None:
+    case = load_case(DEFAULT_DIR / f"{case_id}.npz")
+    truth = case_to_dicom(case, tmp_path)
+    folder = tmp_path / "dicom" / "series_1"
+    files = sorted(folder.glob("*.dcm"))
+    assert len(files) == case.image.shape[2]
+    for f in files[:: max(len(files) // 5, 1)]:
+        assert dciodvfy_errors(f) == []
+    vol, headers = read_series(folder)
+    assert np.array_equal(vol, np.moveaxis(case.image, 2, 0))
+    labels = np.load(tmp_path / "truth" / "series_1.npz")["labels"]
+    assert labels.shape == vol.shape
+    # Row 0 is superior and column 0 anterior, as the README of the data says.
+    first, last = patient_coords(headers[0], np.array([0, vol.shape[1] - 1]), np.array([0, vol.shape[2] - 1]))
+    assert first[2] > last[2] and first[1] < last[1]
+    img = sitk.ReadImage([str(f) for f in files])
+    assert np.allclose(img.GetSpacing(), (case.spacing_mm[1], case.spacing_mm[0], case.spacing_mm[2]))
+    assert truth["series"][0]["label_values"] == case.label_values()
+
+
+def test_case_paths_lists_every_npz() -> None:
+    assert len(case_paths()) == 54
