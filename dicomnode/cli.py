@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import tempfile
 import time
@@ -71,6 +72,116 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _config(args: argparse.Namespace):
+    from dicomnode.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
+    except ConfigError as e:
+        raise SystemExit(f"error: {e}")
+    for key, attr in (("host", "host"), ("port", "port"), ("ae_title", "ae_title"), ("storage", "storage")):
+        value = getattr(args, attr, None)
+        if value is not None:
+            setattr(cfg.node, key, type(getattr(cfg.node, key))(value))
+    return cfg
+
+
+def _peer(target: str, cfg):
+    """`AE@host:port`, or the name of a DICOM destination in the configuration."""
+    from dicomnode.config import DicomDestination
+    from dicomnode.scu import Peer
+
+    if "@" in target:
+        ae, _, hostport = target.partition("@")
+        host, _, port = hostport.rpartition(":")
+        if not (ae and host and port.isdigit()):
+            raise SystemExit(f"error: {target!r} is not AE@host:port")
+        return Peer(ae, host, int(port))
+    dest = cfg.destinations.get(target)
+    if not isinstance(dest, DicomDestination):
+        known = ", ".join(k for k, v in cfg.destinations.items() if isinstance(v, DicomDestination)) or "none"
+        raise SystemExit(f"error: {target!r} is neither AE@host:port nor a DICOM destination in the configuration (known: {known})")
+    return Peer(dest.ae_title, dest.host, dest.port)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from dicomnode.config import ConfigError
+    from dicomnode.node import Node
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    cfg = _config(args)
+    try:
+        node = Node(cfg).start()
+    except (ConfigError, OSError) as e:
+        raise SystemExit(f"error: {e}")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"dicomnode {__version__}: {cfg.node.ae_title} listening on {cfg.node.host}:{cfg.node.port}, "
+          f"storage {cfg.node.storage}", flush=True)
+    stop.wait()
+    node.stop()
+    return 0
+
+
+def _echo(args: argparse.Namespace) -> int:
+    from dicomnode.scu import SendError, echo
+
+    try:
+        status = echo(_peer(args.target, _config(args)), args.calling_ae)
+    except SendError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"C-ECHO {args.target}: status 0x{status:04X}" + (" (Success)" if status == 0 else ""))
+    return 0 if status == 0 else 1
+
+
+def _send(args: argparse.Namespace) -> int:
+    from dicomnode.scu import SendError, store
+
+    files = [f for p in map(Path, args.paths) for f in (sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p])]
+    if not files:
+        raise SystemExit("error: no files to send")
+    try:
+        n = store(_peer(args.to, _config(args)), files, args.calling_ae)
+    except SendError as e:
+        raise SystemExit(f"error: {e}")
+    print(f"sent {n} instance(s) to {args.to}")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from dicomnode.jobs import JobStore
+    from dicomnode.storage import Storage
+
+    root = Path(_config(args).node.storage)
+    if not (root / "index.sqlite").exists():
+        raise SystemExit(f"error: no node storage at {root}")
+    counts = Storage(root).counts()
+    jobs = JobStore(root / "jobs.sqlite")
+    print(f"storage {root}: {counts['studies']} studies, {counts['series']} series, {counts['instances']} instances, "
+          f"{counts['bytes'] / 1e6:.1f} MB")
+    print("jobs: " + ", ".join(f"{k} {v}" for k, v in jobs.counts().items()))
+    for j in jobs.list(where="state IN ('dead','failed')", limit=20):
+        print(f"  job {j.id} {j.kind} {j.pipeline or j.destination}: {j.state} after {j.attempts} attempt(s): {j.last_error}")
+    return 0
+
+
+def _retry(args: argparse.Namespace) -> int:
+    from dicomnode.jobs import JobStore
+
+    jobs = JobStore(Path(_config(args).node.storage) / "jobs.sqlite")
+    try:
+        job = jobs.retry(args.job)
+    except (KeyError, ValueError) as e:
+        raise SystemExit(f"error: {e.args[0]}")
+    print(f"job {job.id} ({job.kind} {job.pipeline or job.destination}) is queued again; a running node picks it up")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomnode", description="DICOM AI node for lumbar spine MRI.")
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -97,6 +208,39 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--out", help="folder to write to (default: a new temporary folder)")
     de.add_argument("--seed", type=int, default=2026)
     de.set_defaults(func=_demo)
+
+    def node_args(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--config", help="YAML configuration (default: embedded defaults)")
+        sp.add_argument("--storage", help="storage folder (overrides node.storage)")
+
+    se = sub.add_parser("serve", help="run the DICOM node")
+    node_args(se)
+    se.add_argument("--host")
+    se.add_argument("--port", type=int)
+    se.add_argument("--ae-title")
+    se.set_defaults(func=_serve)
+
+    ec = sub.add_parser("echo", help="C-ECHO a DICOM peer")
+    ec.add_argument("target", help="AE@host:port or a destination name from --config")
+    ec.add_argument("--config")
+    ec.add_argument("--calling-ae", default="DICOMNODE")
+    ec.set_defaults(func=_echo)
+
+    sd = sub.add_parser("send", help="C-STORE files or folders to a DICOM peer")
+    sd.add_argument("paths", nargs="+")
+    sd.add_argument("--to", required=True, help="AE@host:port or a destination name from --config")
+    sd.add_argument("--config")
+    sd.add_argument("--calling-ae", default="DICOMNODE")
+    sd.set_defaults(func=_send)
+
+    st = sub.add_parser("status", help="storage use and jobs by state")
+    node_args(st)
+    st.set_defaults(func=_status)
+
+    rt = sub.add_parser("retry", help="queue a dead or failed job again")
+    rt.add_argument("job", type=int)
+    node_args(rt)
+    rt.set_defaults(func=_retry)
     return p
 
 

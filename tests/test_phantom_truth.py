@@ -128,7 +128,7 @@ def test_herniations_reach_past_the_posterior_vertebral_line() -> None:
             lv = d.levels[disc]
             if lv["herniation"] == "bulge":
                 continue
-            planes, labels = _patch(d, d.chain[disc].to_patient(0, 10, 0), 14)
+            planes, labels = _patch(d, d.chain[disc].to_patient(0, 10, 0), 7)  # the canal, not the foramina
             disc_pts = _mask_points(planes, labels, LABEL_VALUES[disc])
             centre, ap, _ = _pca(disc_pts)
             walls = []

@@ -1,0 +1,128 @@
+"""Node configuration (`conf/node.yaml`): typed, with errors that name the offending key."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 printable chars, no backslash
+
+
+class ConfigError(ValueError):
+    """The configuration cannot be used; the message says which key and why."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def _ae(v: str) -> str:
+    if not AE_TITLE.match(v) or not v.strip():
+        raise ValueError(f"{v!r} is not a valid AE title (1-16 printable characters, no backslash)")
+    return v.strip()
+
+
+class NodeSection(_Strict):
+    ae_title: str = "DICOMNODE"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=1, le=65535)
+    storage: Path = Path("./var")
+    max_pdu: int = Field(0, ge=0, description="0: unlimited")
+
+    _check_ae = field_validator("ae_title")(_ae)
+
+
+class AcceptSection(_Strict):
+    calling_ae_titles: list[str] = Field(default_factory=list, description="empty: accept any")
+    duplicates: Literal["keep_first", "replace"] = "keep_first"
+
+
+class DicomDestination(_Strict):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _check_ae = field_validator("ae_title")(_ae)
+
+
+class RestDestination(_Strict):
+    url: str
+    username: str | None = None
+    password: str | None = None
+
+
+class Rule(_Strict):
+    name: str
+    match: dict[str, Any] = Field(default_factory=dict)
+    pipelines: list[str]
+    send_to: list[str] = Field(default_factory=list)
+
+
+class AssemblySection(_Strict):
+    series_quiet_seconds: float = Field(5.0, gt=0)
+    study_quiet_seconds: float = Field(10.0, gt=0)
+
+
+class JobsSection(_Strict):
+    backend: Literal["local"] = "local"
+    cpu_workers: int = Field(2, ge=1)
+    gpu_workers_per_gpu: int = Field(1, ge=1, le=1)
+    max_attempts: int = Field(4, ge=1)
+    backoff_seconds: float = Field(2.0, gt=0)
+    send_max_attempts: int = Field(6, ge=1)
+
+
+class RetentionSection(_Strict):
+    days: float | None = Field(None, gt=0)
+    max_bytes: int | None = Field(None, gt=0)
+
+
+class NodeConfig(_Strict):
+    node: NodeSection = Field(default_factory=NodeSection)
+    accept: AcceptSection = Field(default_factory=AcceptSection)
+    destinations: dict[str, DicomDestination | RestDestination] = Field(default_factory=dict)
+    rules: list[Rule] = Field(default_factory=list)
+    rule_mode: Literal["first", "all"] = "first"
+    assembly: AssemblySection = Field(default_factory=AssemblySection)
+    jobs: JobsSection = Field(default_factory=JobsSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
+    plugins: list[str] = Field(default_factory=list, description="modules that register extra pipelines")
+
+    def check_references(self) -> None:
+        for rule in self.rules:
+            for dest in rule.send_to:
+                if dest != "sender" and dest not in self.destinations:
+                    raise ConfigError(f"rules: rule {rule.name!r} sends to {dest!r}, which is not under destinations "
+                                      f"(known: {', '.join(self.destinations) or 'none'}, or 'sender')")
+
+
+def parse_config(data: dict[str, Any] | None, source: str = "configuration") -> NodeConfig:
+    try:
+        cfg = NodeConfig.model_validate(data or {})
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if not str(p).startswith(("DicomDestination", "RestDestination")))
+        if err["type"] == "extra_forbidden":
+            raise ConfigError(f"{source}: unknown key {where!r}") from None
+        raise ConfigError(f"{source}: {where}: {err['msg']}") from None
+    cfg.check_references()
+    return cfg
+
+
+def load_config(path: Path | None) -> NodeConfig:
+    """The configuration in `path`, or the embedded defaults when `path` is None."""
+    if path is None:
+        return parse_config({}, "defaults")
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"configuration file {path} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (node, accept, ...)")
+    return parse_config(data, str(path))

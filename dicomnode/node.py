@@ -1,0 +1,163 @@
+"""The node: listener, durable storage, assembly, routing, job workers and delivery, wired up."""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import threading
+import time
+from pathlib import Path
+
+from dicomnode.assembly import Assembler
+from dicomnode.audit import Audit
+from dicomnode.config import ConfigError, DicomDestination, NodeConfig, RestDestination
+from dicomnode.jobs import Job, JobStore
+from dicomnode.routing import route
+from dicomnode.scp import StoreSCP
+from dicomnode.scu import Peer, SendError, post_instances, store
+from dicomnode.storage import Storage
+from pipelines import registry
+
+log = logging.getLogger("dicomnode.node")
+
+
+def gpu_count() -> int:
+    try:
+        import torch
+
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # torch missing or broken: CPU only
+        return 0
+
+
+class Node:
+    def __init__(self, cfg: NodeConfig):
+        self.cfg = cfg
+        root = Path(cfg.node.storage)
+        self.storage = Storage(root, cfg.accept.duplicates)
+        self.audit = Audit(root / "audit.jsonl")
+        self.jobs = JobStore(root / "jobs.sqlite", cfg.jobs.backoff_seconds)
+        self.results = root / "results"
+        self.assembler = Assembler(cfg.assembly.series_quiet_seconds, self.dispatch)
+        self.scp = StoreSCP(cfg, self.storage, self.audit, lambda ident: self.assembler.touch(ident.series_uid))
+        self.gpus = gpu_count()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------------ life cycle
+
+    def start(self) -> "Node":
+        for module in self.cfg.plugins:
+            importlib.import_module(module)
+        for rule in self.cfg.rules:
+            for name in rule.pipelines:
+                try:
+                    registry.get(name)
+                except KeyError as e:
+                    raise ConfigError(f"rules: rule {rule.name!r}: {e.args[0]}") from None
+        resumed = self.jobs.resume()
+        if resumed:
+            log.info("%d job(s) interrupted by the last stop are queued again", resumed)
+        for row in self.storage.undispatched():
+            self.assembler.touch(row["series_uid"])
+        self.assembler.start()
+        pools = [("cpu", self.cfg.jobs.cpu_workers)] + [(f"gpu{i}", 1) for i in range(self.gpus)]
+        for device, n in pools:
+            for k in range(n):
+                t = threading.Thread(target=self._work, args=(device,), name=f"worker-{device}-{k}", daemon=True)
+                t.start()
+                self._threads.append(t)
+        self.scp.start()
+        return self
+
+    def stop(self) -> None:
+        self.scp.stop()
+        self.assembler.stop()
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=30)
+        self.jobs.close()
+        self.storage.close()
+        self.audit.close()
+
+    # ------------------------------------------------------------------ routing
+
+    def dispatch(self, series_uid: str) -> list[int]:
+        """Route a complete series: one process job per pipeline of each matching rule."""
+        row = self.storage.series(series_uid)
+        if row is None:
+            return []
+        rules = route(self.cfg.rules, row["attributes"], self.cfg.rule_mode)
+        ids = []
+        for rule in rules:
+            for name in rule.pipelines:
+                device = "gpu0" if registry.get(name).device == "gpu" and self.gpus else "cpu"
+                ids.append(self.jobs.enqueue("process", series_uid, row["study_uid"], self.cfg.jobs.max_attempts,
+                                             device=device, pipeline=name,
+                                             payload={"rule": rule.name, "send_to": rule.send_to,
+                                                      "instances": row["n_instances"]}))
+        self.storage.mark_dispatched(series_uid, row["n_instances"])
+        if rules:
+            self.audit.write("routed", series_uid=series_uid, study_uid=row["study_uid"], rules=[r.name for r in rules],
+                             jobs=ids, instances=row["n_instances"])
+        else:
+            log.info("series %s (%s, %r) matches no rule: stored, not processed", series_uid,
+                     row["attributes"].get("Modality"), row["attributes"].get("SeriesDescription"))
+            self.audit.write("unrouted", series_uid=series_uid, study_uid=row["study_uid"], instances=row["n_instances"])
+        return ids
+
+    # ------------------------------------------------------------------ workers
+
+    def _work(self, device: str) -> None:
+        while not self._stop.is_set():
+            job = self.jobs.claim(device)
+            if job is None:
+                self._stop.wait(0.05)
+                continue
+            t0 = time.time()
+            self.audit.write("started", job=job.id, kind=job.kind, series_uid=job.series_uid,
+                             pipeline=job.pipeline, destination=job.destination, attempt=job.attempts)
+            try:
+                result = self._process(job) if job.kind == "process" else self._send(job)
+            except Exception as e:  # any failure is recorded on the job and retried with back-off
+                reason = f"{type(e).__name__}: {e}"
+                state = self.jobs.fail(job.id, reason)
+                (log.error if state == "dead" else log.warning)("job %d (%s %s) attempt %d/%d failed: %s%s", job.id, job.kind,
+                                                               job.pipeline or job.destination, job.attempts,
+                                                               job.max_attempts, reason,
+                                                               "; it is dead, `dicomnode retry` sends it again"
+                                                               if state == "dead" else "; it will be retried")
+                self.audit.write("failed", job=job.id, kind=job.kind, state=state, reason=reason, seconds=round(time.time() - t0, 3))
+                continue
+            self.jobs.done(job.id, result)
+            self.audit.write("finished" if job.kind == "process" else "sent", job=job.id, series_uid=job.series_uid,
+                             seconds=round(time.time() - t0, 3), **result)
+
+    def _process(self, job: Job) -> dict:
+        files = self.storage.series_files(job.series_uid)
+        out = self.results / f"job-{job.id}"
+        out.mkdir(parents=True, exist_ok=True)
+        produced = registry.get(job.pipeline or "").run(files, out)
+        for dest in job.payload.get("send_to", []):
+            self.jobs.enqueue("send", job.series_uid, job.study_uid, self.cfg.jobs.send_max_attempts, destination=dest,
+                              payload={"files": [str(p) for p in produced], "from_job": job.id})
+        return {"outputs": len(produced)}
+
+    def _send(self, job: Job) -> dict:
+        files = [Path(p) for p in job.payload["files"]]
+        dest = self._destination(job)
+        if isinstance(dest, RestDestination):
+            n = post_instances(dest.url, files, dest.username, dest.password)
+        else:
+            n = store(Peer(dest.ae_title, dest.host, dest.port), files, self.cfg.node.ae_title)
+        return {"instances_sent": n}
+
+    def _destination(self, job: Job) -> DicomDestination | RestDestination:
+        if job.destination != "sender":
+            return self.cfg.destinations[job.destination or ""]
+        row = self.storage.series(job.series_uid) or {}
+        caller = row.get("calling_ae")
+        for d in self.cfg.destinations.values():
+            if isinstance(d, DicomDestination) and d.ae_title == caller:
+                return d
+        raise SendError(f"results go back to the sender, but the calling AE {caller!r} has no address under destinations")

@@ -1,0 +1,123 @@
+"""The node's DICOM listener: C-ECHO, and C-STORE of every storage SOP class.
+
+Handlers return a status and do no slow work: the instance is written durably (that must happen
+before Success) and the assembler is told; routing and pipelines run elsewhere.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+from pynetdicom.transport import ThreadedAssociationServer
+
+from dicomnode.audit import Audit
+from dicomnode.config import NodeConfig
+from dicomnode.scu import set_nodelay
+from dicomnode.storage import Identity, InvalidInstance, Storage
+
+log = logging.getLogger("dicomnode.scp")
+
+SUCCESS, OUT_OF_RESOURCES, SOP_MISMATCH, CANNOT_UNDERSTAND, INVALID_UID = 0x0000, 0xA700, 0xA900, 0xC210, 0xC211
+_SKIP_VR = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+
+
+def routing_attributes(ds: Dataset) -> dict[str, Any]:
+    """Top-level attributes a rule may match on (no pixel data, sequences or binary values)."""
+    out: dict[str, Any] = {}
+    for elem in ds:
+        if elem.VR in _SKIP_VR or not elem.keyword or elem.tag.group == 0x7FE0:
+            continue
+        v = elem.value
+        if hasattr(v, "__iter__") and not isinstance(v, (str, bytes)):
+            out[elem.keyword] = [str(x) for x in v]
+        elif v is not None:
+            out[elem.keyword] = str(v)
+    return out
+
+
+class TruncatedInstance(ValueError):
+    pass
+
+
+def _check_pixel_length(ds: Dataset, transfer_syntax: UID) -> None:
+    """Native (uncompressed) pixel data must hold the whole image: a cut-off transfer must not be
+    stored as if it were complete."""
+    if "PixelData" not in ds or transfer_syntax.is_compressed:
+        return
+    expected = (int(ds.Rows) * int(ds.Columns) * int(ds.get("SamplesPerPixel", 1)) * int(ds.get("NumberOfFrames", 1) or 1)
+                * int(ds.BitsAllocated)) // 8
+    if len(ds.PixelData) < expected:
+        raise TruncatedInstance(f"its pixel data is shorter ({len(ds.PixelData)} bytes) than the image size ({expected} bytes): "
+                              "the instance is truncated")
+
+
+class StoreSCP:
+    def __init__(self, cfg: NodeConfig, storage: Storage, audit: Audit, on_stored: Callable[[Identity], None]):
+        self.cfg, self.storage, self.audit, self.on_stored = cfg, storage, audit, on_stored
+        self.server: ThreadedAssociationServer | None = None
+
+    def _ae(self) -> AE:
+        ae = AE(ae_title=self.cfg.node.ae_title)
+        ae.require_called_aet = True
+        ae.require_calling_aet = list(self.cfg.accept.calling_ae_titles)
+        ae.maximum_pdu_size = self.cfg.node.max_pdu
+        ae.maximum_associations = 64
+        ae.add_supported_context(Verification)
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        return ae
+
+    def start(self) -> ThreadedAssociationServer:
+        handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_ECHO, lambda e: SUCCESS),
+                    (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
+        addr = (self.cfg.node.host, self.cfg.node.port)
+        self.server = self._ae().start_server(addr, block=False, evt_handlers=handlers)
+        log.info("listening as %s on %s:%d", self.cfg.node.ae_title, *addr)
+        return self.server
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server = None
+
+    def _rejected(self, event: evt.Event) -> None:
+        req = event.assoc.requestor
+        log.warning("association from %s:%s rejected: calling AE %r, called AE %r (accepted calling AEs: %s; "
+                    "this node is %r)", req.address, req.port, req.ae_title, event.assoc.acceptor.ae_title,
+                    ", ".join(self.cfg.accept.calling_ae_titles) or "any", self.cfg.node.ae_title)
+        self.audit.write("rejected", calling_ae=req.ae_title, address=req.address)
+
+    def handle_store(self, event: evt.Event) -> int:
+        calling = event.assoc.requestor.ae_title
+        try:
+            ds = event.dataset
+            ident = Identity.of(ds)
+            if ident.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+                log.warning("C-STORE from %s refused: the dataset's SOP Instance UID differs from the command's", calling)
+                return SOP_MISMATCH
+            attributes = routing_attributes(ds)
+            _check_pixel_length(ds, UID(event.context.transfer_syntax))
+            data = event.encoded_dataset(include_meta=True)
+        except (InvalidInstance, TruncatedInstance) as e:
+            log.warning("C-STORE from %s refused: %s", calling, e)
+            self.audit.write("refused", calling_ae=calling, reason=str(e))
+            return INVALID_UID if isinstance(e, InvalidInstance) else CANNOT_UNDERSTAND
+        except Exception as e:  # a dataset pydicom cannot parse: truncated, corrupt
+            log.warning("C-STORE from %s refused: the dataset cannot be decoded (%s)", calling, type(e).__name__)
+            self.audit.write("refused", calling_ae=calling, reason=f"undecodable dataset ({type(e).__name__})")
+            return CANNOT_UNDERSTAND
+        try:
+            outcome = self.storage.store(data, ident, attributes, calling)
+        except OSError as e:
+            log.error("C-STORE from %s failed: cannot write to storage (%s)", calling, e.strerror)
+            return OUT_OF_RESOURCES
+        self.audit.write("received", calling_ae=calling, study_uid=ident.study_uid, series_uid=ident.series_uid,
+                         sop_instance_uid=ident.sop_instance_uid, outcome=outcome)
+        if outcome != "duplicate":
+            self.on_stored(ident)
+        return SUCCESS

@@ -1,0 +1,148 @@
+"""Durable instance storage: a file per instance, indexed in SQLite.
+
+An instance counts as received only when its bytes are on disk (written, flushed, fsynced,
+atomically renamed, directory fsynced) and its index row is committed. The C-STORE handler
+answers Success only after `store` returns, so a crash after Success loses nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+  sop_instance_uid TEXT PRIMARY KEY, sop_class_uid TEXT, study_uid TEXT, series_uid TEXT,
+  path TEXT, size INTEGER, received_at REAL, calling_ae TEXT);
+CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
+CREATE TABLE IF NOT EXISTS series (
+  series_uid TEXT PRIMARY KEY, study_uid TEXT, attributes TEXT, calling_ae TEXT,
+  first_at REAL, last_at REAL, n_instances INTEGER DEFAULT 0, dispatched_instances INTEGER DEFAULT 0);
+"""
+
+
+class InvalidInstance(ValueError):
+    """The instance cannot be stored; the message says why, in words for an administrator."""
+
+
+def check_uid(name: str, value: Any) -> str:
+    v = str(value or "").strip().rstrip("\0")
+    if not v:
+        raise InvalidInstance(f"{name} is missing")
+    if len(v) > 64 or not UID.match(v):
+        raise InvalidInstance(f"{name} {v[:80]!r} is not a valid DICOM UID (digits and dots, at most 64)")
+    return v
+
+
+@dataclass(frozen=True)
+class Identity:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_uid: str
+    series_uid: str
+
+    @classmethod
+    def of(cls, ds: Any) -> "Identity":
+        return cls(check_uid("SOP Class UID", getattr(ds, "SOPClassUID", None)),
+                   check_uid("SOP Instance UID", getattr(ds, "SOPInstanceUID", None)),
+                   check_uid("Study Instance UID", getattr(ds, "StudyInstanceUID", None)),
+                   check_uid("Series Instance UID", getattr(ds, "SeriesInstanceUID", None)))
+
+
+class Storage:
+    def __init__(self, root: Path, duplicates: str = "keep_first"):
+        self.root = Path(root)
+        self.duplicates = duplicates
+        (self.root / "instances").mkdir(parents=True, exist_ok=True)
+        (self.root / "tmp").mkdir(exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def path_for(self, ident: Identity) -> Path:
+        return self.root / "instances" / ident.study_uid / ident.series_uid / f"{ident.sop_instance_uid}.dcm"
+
+    def store(self, data: bytes, ident: Identity, attributes: dict[str, Any], calling_ae: str) -> str:
+        """Write and index one instance; returns "stored", "replaced" or "duplicate" (kept first)."""
+        final = self.path_for(ident)
+        with self._lock:
+            exists = self._db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop_instance_uid,)).fetchone()
+        if exists and self.duplicates == "keep_first":
+            return "duplicate"
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.root / "tmp" / f"{uuid.uuid4().hex}.part"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        dir_fd = os.open(final.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        now = time.time()
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?)",
+                                 (ident.sop_instance_uid, ident.sop_class_uid, ident.study_uid, ident.series_uid,
+                                  str(final), len(data), now, calling_ae))
+                self._db.execute(
+                    "INSERT INTO series(series_uid, study_uid, attributes, calling_ae, first_at, last_at, n_instances) "
+                    "VALUES (?,?,?,?,?,?,1) ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at, "
+                    "n_instances=n_instances+?", (ident.series_uid, ident.study_uid, json.dumps(attributes), calling_ae,
+                                                  now, now, 0 if exists else 1))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return "replaced" if exists else "stored"
+
+    # ------------------------------------------------------------------ queries
+
+    def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            cur = self._db.execute(sql, args)
+            names = [c[0] for c in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def series(self, series_uid: str) -> dict | None:
+        rows = self._rows("SELECT * FROM series WHERE series_uid=?", (series_uid,))
+        if not rows:
+            return None
+        row = rows[0]
+        row["attributes"] = json.loads(row["attributes"] or "{}")
+        return row
+
+    def series_files(self, series_uid: str) -> list[Path]:
+        return [Path(r["path"]) for r in self._rows("SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,))]
+
+    def undispatched(self) -> list[dict]:
+        """Series with instances that no job has seen yet (also after a restart)."""
+        return self._rows("SELECT series_uid, last_at FROM series WHERE n_instances > dispatched_instances")
+
+    def mark_dispatched(self, series_uid: str, n_instances: int) -> None:
+        with self._lock:
+            self._db.execute("UPDATE series SET dispatched_instances=? WHERE series_uid=?", (n_instances, series_uid))
+
+    def counts(self) -> dict[str, int]:
+        r = self._rows("SELECT COUNT(*) AS instances, COUNT(DISTINCT series_uid) AS series, COUNT(DISTINCT study_uid) AS studies, "
+                       "COALESCE(SUM(size), 0) AS bytes FROM instances")[0]
+        return {k: int(v) for k, v in r.items()}

@@ -1,0 +1,41 @@
+"""Pipelines by name: what the routing rules refer to.
+
+A pipeline takes the files of one series and a folder for its results, and returns the result
+files (DICOM objects) it wrote there. `device` says where it runs: one GPU job at a time per GPU,
+CPU jobs in parallel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+RunFn = Callable[[list[Path], Path], list[Path]]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    run: RunFn
+    device: str = "cpu"  # cpu | gpu
+    version: str = "0"
+
+
+_REGISTRY: dict[str, Pipeline] = {}
+
+
+def register(p: Pipeline) -> Pipeline:
+    _REGISTRY[p.name] = p
+    return p
+
+
+def get(name: str) -> Pipeline:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(f"no pipeline named {name!r} is installed (installed: {', '.join(sorted(_REGISTRY)) or 'none'})") from None
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)

@@ -1,0 +1,162 @@
+"""Real servers on loopback for the node tests: the node itself (a `dicomnode serve` process),
+Orthanc, and instances to send. Ports are chosen per test."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pydicom
+import requests
+import yaml
+from pydicom.uid import generate_uid
+
+from training.phantom.generator import PhantomOptions, generate_study
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dicomnode_exe() -> str:
+    return shutil.which("dicomnode", path=str(Path(sys.executable).parent)) or "dicomnode"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 30, proc: subprocess.Popen | None = None) -> None:
+    end = time.time() + timeout
+    while time.time() < end:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.1)
+    raise TimeoutError(f"nothing listens on port {port} after {timeout} s")
+
+
+def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = "condition"):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise TimeoutError(f"{what} not reached after {timeout} s")
+
+
+class NodeProcess:
+    """`dicomnode serve` in its own process, with a configuration written for the test."""
+
+    def __init__(self, tmp: Path, config: dict, env: dict | None = None):
+        self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps(config))
+        self.port = config.setdefault("node", {}).get("port") or free_port()
+        config["node"].update({"port": self.port, "host": "127.0.0.1"})
+        config["node"].setdefault("storage", str(tmp / "var"))
+        config.setdefault("plugins", []).append("tests.plugins.pipelines_for_tests")
+        self.storage = Path(config["node"]["storage"])
+        self.config_path = tmp / "node.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.log = tmp / "node.log"
+
+    def start(self) -> "NodeProcess":
+        exe = dicomnode_exe()
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([exe, "serve", "--config", str(self.config_path)], cwd=ROOT, env=self.env,
+                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+class Orthanc:
+    """A real Orthanc (Debian package) on loopback ports, with its own storage."""
+
+    def __init__(self, tmp: Path, modalities: dict[str, list]):
+        self.tmp = tmp
+        self.dicom_port, self.http_port = free_port(), free_port()
+        cfg = {"Name": "test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
+               "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,
+               "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "DicomModalities": modalities,
+               "DicomCheckCalledAet": False, "StableAge": 1, "Plugins": [], "HttpsCACertificates": ""}
+        (tmp / "orthanc.json").write_text(json.dumps(cfg))
+        self.url = f"http://127.0.0.1:{self.http_port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Orthanc":
+        exe = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
+        self._logf = open(self.tmp / "orthanc.log", "ab")
+        self.proc = subprocess.Popen([exe, str(self.tmp / "orthanc.json")], env={**os.environ, "TCP_NODELAY": "1"},
+                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        wait_port(self.http_port, proc=self.proc)
+        wait_port(self.dicom_port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+    def get(self, path: str):
+        r = requests.get(self.url + path, timeout=10)
+        r.raise_for_status()
+        return r.json()
+
+    def post(self, path: str, data):
+        r = requests.post(self.url + path, data=data if isinstance(data, bytes) else json.dumps(data), timeout=60)
+        r.raise_for_status()
+        return r.json()
+
+
+def phantom_series(tmp: Path, seed: int = 11) -> Path:
+    """One small phantom study (sagittal T2 only) as DICOM files; returns the series folder."""
+    generate_study(tmp / "study", seed, PhantomOptions(contrasts=("T2",), max_matrix=256))
+    return tmp / "study" / "dicom" / "series_1"
+
+
+def bulk_instances(template: Path, out: Path, n: int, series: int = 1) -> list[Path]:
+    """`n` distinct instances made from one file: new SOP, series and study UIDs."""
+    out.mkdir(parents=True, exist_ok=True)
+    ds = pydicom.dcmread(template)
+    study = generate_uid()
+    series_uids = [generate_uid() for _ in range(series)]
+    paths = []
+    for i in range(n):
+        ds.StudyInstanceUID = study
+        ds.SeriesInstanceUID = series_uids[i % series]
+        ds.SOPInstanceUID = generate_uid()
+        ds.InstanceNumber = i + 1
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        p = out / f"{i:05d}.dcm"
+        ds.save_as(p, enforce_file_format=True)
+        paths.append(p)
+    return paths

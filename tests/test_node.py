@@ -1,0 +1,253 @@
+"""The node with real peers on loopback: DCMTK's echoscu/storescu, pynetdicom, Orthanc."""
+
+from __future__ import annotations
+
+import copy
+import sqlite3
+import subprocess
+import threading
+import time
+from io import BytesIO
+from pathlib import Path
+
+import pydicom
+import pytest
+from pynetdicom import AE, debug_logger  # noqa: F401  (handy when a test fails)
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import encode
+from pynetdicom.sop_class import MRImageStorage
+
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, dicomnode_exe, free_port, phantom_series, wait_for
+
+
+def jobs(node: NodeProcess) -> list[dict]:
+    db = sqlite3.connect(node.storage / "jobs.sqlite")
+    db.row_factory = sqlite3.Row
+    return [dict(r) for r in db.execute("SELECT * FROM jobs ORDER BY id")]
+
+
+def indexed(node: NodeProcess) -> set[str]:
+    db = sqlite3.connect(node.storage / "index.sqlite")
+    return {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
+
+
+def storescu(port: int, *paths: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(port), *map(str, paths)],
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture
+def node(tmp_path: Path):
+    n = NodeProcess(tmp_path, {"accept": {"calling_ae_titles": ["STORESCU", "ORTHANC", "SCU"]}}).start()
+    yield n
+    n.stop()
+
+
+def test_echoscu_and_storescu_study_plus_500_instances(node: NodeProcess, tmp_path: Path) -> None:
+    r = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    series = phantom_series(tmp_path)
+    bulk = bulk_instances(next(series.glob("*.dcm")), tmp_path / "bulk", 500, series=4)
+    r = storescu(node.port, series, tmp_path / "bulk")
+    assert r.returncode == 0, r.stderr
+    sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in [*series.glob("*.dcm"), *bulk]}
+    assert indexed(node) == sent
+    db = sqlite3.connect(node.storage / "index.sqlite")
+    assert db.execute("SELECT COUNT(DISTINCT series_uid), COUNT(DISTINCT study_uid) FROM instances").fetchone() == (5, 2)
+    for path, series_uid in db.execute("SELECT path, series_uid FROM instances"):
+        assert pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID == series_uid
+
+
+def _raw_store(assoc, sop_instance_uid: str, payload: bytes, msg_id: int) -> int:
+    """Send a C-STORE whose dataset bytes are given as they are (to send what SCUs would refuse)."""
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = MRImageStorage
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    req.Priority = 2
+    req.DataSet = BytesIO(payload)
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
+    assoc._reactor_checkpoint.clear()  # pause the reactor as pynetdicom's own send_c_store does
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return int(rsp.Status)
+
+
+def _encode(ds: pydicom.Dataset) -> bytes:
+    return encode(ds, False, True)  # explicit VR little endian, as negotiated
+
+
+def test_bad_input_gets_a_status_and_loses_nothing_else(node: NodeProcess, tmp_path: Path) -> None:
+    r = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    assert r.returncode != 0
+    wait_for(lambda: "calling AE 'INTRUDER'" in node.log_text(), 10, what="rejection logged")
+
+    good = [pydicom.dcmread(p) for p in sorted(phantom_series(tmp_path).glob("*.dcm"))[:2]]
+    ae = AE(ae_title="SCU")
+    ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
+    ae.add_requested_context("1.2.3.4.5.6.7.8", "1.2.840.10008.1.2.1")  # not a storage SOP class
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+    assert assoc.is_established
+    try:
+        assert [c.abstract_syntax for c in assoc.rejected_contexts] == ["1.2.3.4.5.6.7.8"]
+        assert int(assoc.send_c_store(good[0]).Status) == 0
+        encoded = _encode(good[1])
+        assert _raw_store(assoc, str(good[1].SOPInstanceUID), encoded[:-1000], 11) == 0xC210  # pixel data cut
+        assert _raw_store(assoc, str(good[1].SOPInstanceUID), encoded[:400], 15) == 0xC211  # cut before the UIDs
+        no_uid = copy.deepcopy(good[1])
+        del no_uid.SOPInstanceUID
+        assert _raw_store(assoc, "1.2.3.4", _encode(no_uid), 12) == 0xC211
+        path_like = copy.deepcopy(good[1])
+        path_like.SOPInstanceUID = "../../x"
+        assert _raw_store(assoc, "../../x", _encode(path_like), 13) == 0xC211
+        mismatch = copy.deepcopy(good[1])
+        assert _raw_store(assoc, "1.2.3.999", _encode(mismatch), 14) == 0xA900
+        assert int(assoc.send_c_store(good[1]).Status) == 0  # the association still works
+    finally:
+        assoc.release()
+    assert indexed(node) == {str(good[0].SOPInstanceUID), str(good[1].SOPInstanceUID)}
+    assert not list(node.storage.rglob("x.dcm")) and not (tmp_path / "x.dcm").exists()
+    text = node.log_text()
+    for words in ("pixel data is shorter", "SOP Instance UID is missing", "'../../x' is not a valid DICOM UID", "differs from the command"):
+        assert words in text, words
+
+
+def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
+    node = NodeProcess(tmp_path, {}).start()
+    files = bulk_instances(next(phantom_series(tmp_path).glob("*.dcm")), tmp_path / "bulk", 500)
+    acknowledged: list[str] = []
+
+    def send() -> None:
+        ae = AE(ae_title="SCU")
+        ae.add_requested_context(MRImageStorage, "1.2.840.10008.1.2.1")
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="DICOMNODE")
+        for p in files:
+            ds = pydicom.dcmread(p)
+            try:
+                status = assoc.send_c_store(ds)
+            except Exception:
+                return
+            if status and int(status.Status) == 0:
+                acknowledged.append(str(ds.SOPInstanceUID))
+            if not assoc.is_established:
+                return
+
+    t = threading.Thread(target=send)
+    t.start()
+    wait_for(lambda: len(acknowledged) >= 150, 120, 0.01, "150 instances acknowledged")
+    node.kill()
+    t.join(60)
+    assert 150 <= len(acknowledged) < 500
+    node.start()  # same storage: the index must hold every acknowledged instance
+    try:
+        stored = indexed(node)
+        assert set(acknowledged) <= stored
+        db = sqlite3.connect(node.storage / "index.sqlite")
+        for (path,) in db.execute("SELECT path FROM instances"):
+            assert pydicom.dcmread(path).SOPInstanceUID in stored
+    finally:
+        node.stop()
+
+
+def test_interrupted_job_runs_again_after_restart(tmp_path: Path) -> None:
+    markers = tmp_path / "markers"
+    cfg = {"assembly": {"series_quiet_seconds": 0.5},
+           "rules": [{"name": "all-mr", "match": {"Modality": "MR"}, "pipelines": ["slow-derive"]}]}
+    node = NodeProcess(tmp_path, cfg, env={"DICOMNODE_TEST_MARKERS": str(markers), "DICOMNODE_TEST_SLEEP": "5"}).start()
+    assert storescu(node.port, phantom_series(tmp_path)).returncode == 0
+    wait_for(lambda: markers.exists() and len(list(markers.iterdir())) == 1, 30, what="first attempt started")
+    node.kill()
+    assert jobs(node)[0]["state"] == "running"
+    node.start()
+    try:
+        wait_for(lambda: jobs(node)[0]["state"] == "done", 60, what="job done after restart")
+        assert len(list(markers.iterdir())) == 2
+        assert len(jobs(node)) == 1
+    finally:
+        node.stop()
+
+
+def test_series_matching_no_rule_is_stored_and_logged(tmp_path: Path) -> None:
+    cfg = {"assembly": {"series_quiet_seconds": 0.5},
+           "rules": [{"name": "ct-only", "match": {"Modality": "CT"}, "pipelines": ["derive"]}]}
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        series = phantom_series(tmp_path)
+        assert storescu(node.port, series).returncode == 0
+        wait_for(lambda: "matches no rule: stored, not processed" in node.log_text(), 20, what="unrouted log line")
+        assert len(indexed(node)) == len(list(series.glob("*.dcm")))
+        assert jobs(node) == []
+    finally:
+        node.stop()
+
+
+def test_orthanc_pushes_a_study_and_gets_the_result_back(tmp_path: Path) -> None:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, {"node": ["DICOMNODE", "127.0.0.1", node_port]}).start()
+    try:
+        for dest, via in (("pacs", "C-STORE"), ("pacs-rest", "REST")):
+            cfg = {"node": {"port": node_port, "storage": str(tmp_path / f"var-{dest}")},
+                   "accept": {"calling_ae_titles": ["ORTHANC"]},
+                   "assembly": {"series_quiet_seconds": 0.5},
+                   "destinations": {"pacs": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port},
+                                    "pacs-rest": {"url": orthanc.url}},
+                   "rules": [{"name": "lumbar-sagittal", "match": {"Modality": "MR", "SeriesDescription": "(?i)sag"},
+                              "pipelines": ["derive"], "send_to": [dest]}]}
+            node = NodeProcess(tmp_path / dest, cfg).start()
+            try:
+                series = phantom_series(tmp_path / dest, seed=30 if dest == "pacs" else 31)
+                ids = [orthanc.post("/instances", p.read_bytes())["ParentStudy"] for p in sorted(series.glob("*.dcm"))]
+                orthanc.post("/modalities/node/store", {"Resources": [ids[0]], "Synchronous": True})
+                assert len(indexed(node)) == len(ids)
+                found = wait_for(lambda: [s for s in orthanc.get("/series?expand")
+                                          if s["MainDicomTags"].get("SeriesDescription") == "TEST DERIVED"
+                                          and s["ParentStudy"] == ids[0]], 60, what=f"result back in Orthanc by {via}")
+                assert len(found) == 1
+                assert [j["state"] for j in jobs(node)] == ["done", "done"]
+            finally:
+                node.stop()
+    finally:
+        orthanc.stop()
+
+
+def test_destination_down_goes_dead_and_retry_delivers(tmp_path: Path) -> None:
+    receiver = NodeProcess(tmp_path / "receiver", {})
+    cfg = {"assembly": {"series_quiet_seconds": 0.5},
+           "jobs": {"backoff_seconds": 0.3, "send_max_attempts": 3},
+           "destinations": {"archive": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": receiver.port}},
+           "rules": [{"name": "all", "match": {}, "pipelines": ["derive"], "send_to": ["archive"]}]}
+    node = NodeProcess(tmp_path / "sender", cfg).start()
+    try:
+        assert storescu(node.port, phantom_series(tmp_path)).returncode == 0
+        send_job = wait_for(lambda: [j for j in jobs(node) if j["kind"] == "send" and j["state"] == "dead"], 30,
+                            what="send job dead")[0]
+        assert send_job["attempts"] == 3 and "no association" in send_job["last_error"]
+        assert "it is dead, `dicomnode retry` sends it again" in node.log_text()
+        receiver.start()
+        cli = subprocess.run([dicomnode_exe(), "retry", str(send_job["id"]), "--config", str(node.config_path)],
+                             capture_output=True, text=True, env=node.env)
+        assert cli.returncode == 0, cli.stderr
+        wait_for(lambda: jobs(node)[send_job["id"] - 1]["state"] == "done", 30, what="retried job delivered")
+        assert len(indexed(receiver)) == 1
+    finally:
+        node.stop()
+        receiver.stop()
+
+
+def test_eight_senders_at_once_store_everything_once(node: NodeProcess, tmp_path: Path) -> None:
+    template = next(phantom_series(tmp_path).glob("*.dcm"))
+    folders = []
+    for i in range(8):
+        bulk_instances(template, tmp_path / f"b{i}", 200)
+        folders.append(tmp_path / f"b{i}")
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port), str(f)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for f in folders]
+    assert all(p.wait(600) == 0 for p in procs)
+    db = sqlite3.connect(node.storage / "index.sqlite")
+    assert db.execute("SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances").fetchone() == (1600, 1600)
+    assert sum(1 for _ in (node.storage / "instances").rglob("*.dcm")) == 1600
