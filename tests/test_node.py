@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pynetdicom import AE, debug_logger  # noqa: F401  (handy when a test fails)
+from pynetdicom import AE
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import MRImageStorage
