@@ -64,21 +64,13 @@ class Rule(_Strict):
 
 class AssemblySection(_Strict):
     series_quiet_seconds: float = Field(5.0, gt=0)
-    study_quiet_seconds: float = Field(10.0, gt=0)
 
 
 class JobsSection(_Strict):
-    backend: Literal["local"] = "local"
     cpu_workers: int = Field(2, ge=1)
-    gpu_workers_per_gpu: int = Field(1, ge=1, le=1)
     max_attempts: int = Field(4, ge=1)
     backoff_seconds: float = Field(2.0, gt=0)
     send_max_attempts: int = Field(6, ge=1)
-
-
-class RetentionSection(_Strict):
-    days: float | None = Field(None, gt=0)
-    max_bytes: int | None = Field(None, gt=0)
 
 
 class NodeConfig(_Strict):
@@ -89,7 +81,6 @@ class NodeConfig(_Strict):
     rule_mode: Literal["first", "all"] = "first"
     assembly: AssemblySection = Field(default_factory=AssemblySection)
     jobs: JobsSection = Field(default_factory=JobsSection)
-    retention: RetentionSection = Field(default_factory=RetentionSection)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra pipelines")
 
     def check_references(self) -> None:

@@ -103,6 +103,7 @@ class Orthanc:
 
     def __init__(self, tmp: Path, modalities: dict[str, list]):
         self.tmp = tmp
+        tmp.mkdir(parents=True, exist_ok=True)
         self.dicom_port, self.http_port = free_port(), free_port()
         cfg = {"Name": "test", "StorageDirectory": str(tmp / "db"), "IndexDirectory": str(tmp / "db"),
                "DicomAet": "ORTHANC", "DicomPort": self.dicom_port, "HttpPort": self.http_port,

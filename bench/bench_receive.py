@@ -1,0 +1,114 @@
+"""Receive rate of `dicomnode serve` against DCMTK storescp and Orthanc, in the same run.
+
+512x512 16-bit MR instances are sent by DCMTK storescu: one association, and eight at once.
+Also: peak memory of `serve` while receiving, and the delay from the last instance of a series to
+its job start beyond the quiet period. Run: `.venv/bin/python bench/bench_receive.py [--n 400]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, free_port, phantom_series, wait_for, wait_port  # noqa: E402
+
+
+def make_instances(tmp: Path, n: int) -> list[Path]:
+    ds = pydicom.dcmread(next(phantom_series(tmp).glob("*.dcm")))
+    ds.Rows = ds.Columns = 512
+    ds.PixelData = np.random.default_rng(0).integers(0, 4096, (512, 512), dtype=np.uint16).tobytes()
+    template = tmp / "template.dcm"
+    ds.save_as(template, enforce_file_format=True)
+    return bulk_instances(template, tmp / "instances", n, series=8)
+
+
+def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
+    chunks = [files[i::parallel] for i in range(parallel)]
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, c)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(p.stderr.read().decode())
+    return time.perf_counter() - t0
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=400)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-receive-"))
+    files = make_instances(tmp, args.n)
+    rates: dict[str, dict[int, float]] = {}
+    peak = 0.0
+    for parallel in (1, 8):
+        node = NodeProcess(tmp / f"node{parallel}", {}).start()
+        rates.setdefault("dicomnode serve (fsync + SQLite index)", {})[parallel] = args.n / send(node.port, "DICOMNODE", files, parallel)
+        peak = max(peak, peak_rss_mb(node.proc.pid))
+        node.stop()
+        out = tmp / f"storescp{parallel}"
+        out.mkdir()
+        port = free_port()
+        scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
+        wait_port(port)
+        rates.setdefault("DCMTK storescp (no fsync, no index)", {})[parallel] = args.n / send(port, "STORESCP", files, parallel)
+        scp.terminate()
+        scp.wait()
+        orthanc = Orthanc(tmp / f"orthanc{parallel}", {}).start()
+        rates.setdefault("Orthanc (Debian package, SQLite)", {})[parallel] = args.n / send(orthanc.dicom_port, "ORTHANC", files, parallel)
+        orthanc.stop()
+
+    # Delay from the last instance to the job start, beyond the quiet period.
+    quiet = 1.0
+    node = NodeProcess(tmp / "latency", {"assembly": {"series_quiet_seconds": quiet},
+                                         "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}).start()
+    series = sorted(phantom_series(tmp / "lat").glob("*.dcm"))
+    delays = []
+    for i in range(5):
+        fresh = bulk_instances(series[0], tmp / f"lat{i}", 15)
+        send(node.port, "DICOMNODE", fresh, 1)
+        audit = node.storage / "audit.jsonl"
+        wait_for(lambda: sum(1 for line in audit.read_text().splitlines() if '"started"' in line) > i, 30)
+        events = [json.loads(x) for x in audit.read_text().splitlines()]
+        last_received = max(e["time"] for e in events if e["event"] == "received")
+        started = [e["time"] for e in events if e["event"] == "started"][i]
+        delays.append(started - last_received - quiet)
+    node.stop()
+
+    print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores; {args.n} instances of 512x512x16 bit MR, "
+          "sent by DCMTK storescu over loopback\n")
+    print("| receiver | 1 association (inst/s) | 8 at once (inst/s) |\n|---|---|---|")
+    for name, r in rates.items():
+        print(f"| {name} | {r[1]:.0f} | {r[8]:.0f} |")
+    ours = rates["dicomnode serve (fsync + SQLite index)"]
+    for ref in ("DCMTK storescp (no fsync, no index)", "Orthanc (Debian package, SQLite)"):
+        print(f"\ndicomnode / {ref}: {ours[1] / rates[ref][1]:.2f} (1 association), {ours[8] / rates[ref][8]:.2f} (8 at once)")
+    print(f"\npeak RSS of `dicomnode serve` while receiving: {peak:.0f} MB")
+    print(f"last instance -> job start, beyond the {quiet:.0f} s quiet period: median {1000 * np.median(delays):.0f} ms "
+          f"(max {1000 * max(delays):.0f} ms, {len(delays)} series)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
