@@ -182,6 +182,23 @@ def _retry(args: argparse.Namespace) -> int:
     return 0
 
 
+def _process(args: argparse.Namespace) -> int:
+    from dicomnode.process import process_folder
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = _config(args)
+    if not Path(args.input).is_dir():
+        raise SystemExit(f"error: input folder {args.input} does not exist")
+    pipelines = [p.strip() for p in args.pipelines.split(",")] if args.pipelines else None
+    try:
+        results = process_folder(Path(args.input), Path(args.output), cfg, pipelines)
+    except KeyError as e:
+        raise SystemExit(f"error: {e.args[0]}")
+    n = sum(len(s["outputs"]) for s in results["studies"])
+    print(f"{len(results['studies'])} study(ies), {n} result object(s); summary in {Path(args.output) / 'results.json'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomnode", description="DICOM AI node for lumbar spine MRI.")
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -236,6 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="storage use and jobs by state")
     node_args(st)
     st.set_defaults(func=_status)
+
+    pr = sub.add_parser("process", help="run the pipelines on a folder of DICOM files, no network")
+    pr.add_argument("input")
+    pr.add_argument("output")
+    pr.add_argument("--config", help="rules and plugins (default: embedded defaults)")
+    pr.add_argument("--pipelines", help="comma-separated pipelines to run on every series, instead of the rules")
+    pr.set_defaults(func=_process)
 
     rt = sub.add_parser("retry", help="queue a dead or failed job again")
     rt.add_argument("job", type=int)

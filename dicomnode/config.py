@@ -73,6 +73,12 @@ class JobsSection(_Strict):
     send_max_attempts: int = Field(6, ge=1)
 
 
+class RetentionSection(_Strict):
+    days: float | None = Field(None, gt=0, description="delete instances older than this")
+    max_bytes: int | None = Field(None, gt=0, description="delete the oldest instances above this")
+    interval_seconds: float = Field(300, gt=0)
+
+
 class NodeConfig(_Strict):
     node: NodeSection = Field(default_factory=NodeSection)
     accept: AcceptSection = Field(default_factory=AcceptSection)
@@ -81,6 +87,7 @@ class NodeConfig(_Strict):
     rule_mode: Literal["first", "all"] = "first"
     assembly: AssemblySection = Field(default_factory=AssemblySection)
     jobs: JobsSection = Field(default_factory=JobsSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra pipelines")
 
     def check_references(self) -> None:

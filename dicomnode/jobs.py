@@ -9,12 +9,12 @@ running when the node stopped are queued again when it starts.
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dicomnode.db import Database
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -43,18 +43,10 @@ class Job:
     last_error: str | None = None
 
 
-class JobStore:
+class JobStore(Database):
     def __init__(self, path: Path, backoff_seconds: float = 2.0):
+        super().__init__(path, SCHEMA)
         self.backoff = backoff_seconds
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
 
     def enqueue(self, kind: str, series_uid: str, study_uid: str, max_attempts: int, *, device: str = "cpu",
                 pipeline: str | None = None, destination: str | None = None, payload: dict | None = None) -> int:
@@ -120,6 +112,12 @@ class JobStore:
                 f" last_error FROM jobs WHERE {where} ORDER BY id LIMIT {int(limit)}", args)
             rows = cur.fetchall()
         return [Job(*r[:7], json.loads(r[7] or "{}"), *r[8:]) for r in rows]
+
+    def pending_series(self) -> set[str]:
+        """Series that a job not yet done or dead still needs."""
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT series_uid FROM jobs WHERE state IN ('queued','running','failed')").fetchall()
+        return {r[0] for r in rows}
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -67,8 +67,22 @@ class Node:
                 t = threading.Thread(target=self._work, args=(device,), name=f"worker-{device}-{k}", daemon=True)
                 t.start()
                 self._threads.append(t)
+        if self.cfg.retention.days or self.cfg.retention.max_bytes:
+            t = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
+            t.start()
+            self._threads.append(t)
         self.scp.start()
         return self
+
+    def _housekeep(self) -> None:
+        r = self.cfg.retention
+        while True:
+            removed = self.storage.housekeep(r.days, r.max_bytes, keep=self.jobs.pending_series())
+            if removed:
+                log.info("retention: removed %d instance(s)", removed)
+                self.audit.write("deleted", instances=removed, reason="retention")
+            if self._stop.wait(r.interval_seconds):
+                return
 
     def stop(self) -> None:
         self.scp.stop()

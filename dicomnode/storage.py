@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import sqlite3
-import threading
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from dicomnode.db import Database
 
 UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -59,21 +59,13 @@ class Identity:
                    check_uid("Series Instance UID", getattr(ds, "SeriesInstanceUID", None)))
 
 
-class Storage:
+class Storage(Database):
     def __init__(self, root: Path, duplicates: str = "keep_first"):
         self.root = Path(root)
         self.duplicates = duplicates
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "index.sqlite", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        super().__init__(self.root / "index.sqlite", SCHEMA)
 
     def path_for(self, ident: Identity) -> Path:
         return self.root / "instances" / ident.study_uid / ident.series_uid / f"{ident.sop_instance_uid}.dcm"
@@ -117,12 +109,6 @@ class Storage:
 
     # ------------------------------------------------------------------ queries
 
-    def _rows(self, sql: str, args: tuple = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            cur = self._db.execute(sql, args)
-            names = [c[0] for c in cur.description]
-            return [dict(zip(names, r)) for r in cur.fetchall()]
-
     def series(self, series_uid: str) -> dict | None:
         rows = self._rows("SELECT * FROM series WHERE series_uid=?", (series_uid,))
         if not rows:
@@ -141,6 +127,30 @@ class Storage:
     def mark_dispatched(self, series_uid: str, n_instances: int) -> None:
         with self._lock:
             self._db.execute("UPDATE series SET dispatched_instances=? WHERE series_uid=?", (n_instances, series_uid))
+
+    def housekeep(self, days: float | None, max_bytes: int | None, keep: set[str] | frozenset[str] = frozenset()) -> int:
+        """Delete the oldest instances beyond the retention limits; never those of series in `keep`
+        (series that jobs still need). Returns how many instances were removed."""
+        rows = self._rows("SELECT sop_instance_uid, series_uid, path, size, received_at FROM instances ORDER BY received_at")
+        total = sum(r["size"] for r in rows)
+        cutoff = time.time() - days * 86400 if days else None
+        doomed = []
+        for r in rows:
+            if r["series_uid"] in keep:
+                continue
+            if (cutoff is not None and r["received_at"] < cutoff) or (max_bytes is not None and total > max_bytes):
+                doomed.append(r)
+                total -= r["size"]
+        for r in doomed:
+            Path(r["path"]).unlink(missing_ok=True)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.executemany("DELETE FROM instances WHERE sop_instance_uid=?", [(r["sop_instance_uid"],) for r in doomed])
+            self._db.execute("UPDATE series SET n_instances=(SELECT COUNT(*) FROM instances i WHERE i.series_uid=series.series_uid)")
+            self._db.execute("UPDATE series SET dispatched_instances=MIN(dispatched_instances, n_instances)")
+            self._db.execute("DELETE FROM series WHERE n_instances=0")
+            self._db.execute("COMMIT")
+        return len(doomed)
 
     def counts(self) -> dict[str, int]:
         r = self._rows("SELECT COUNT(*) AS instances, COUNT(DISTINCT series_uid) AS series, COUNT(DISTINCT study_uid) AS studies, "

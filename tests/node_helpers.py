@@ -23,8 +23,14 @@ from training.phantom.generator import PhantomOptions, generate_study
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def dicomnode_exe() -> str:
-    return shutil.which("dicomnode", path=str(Path(sys.executable).parent)) or "dicomnode"
+def dicomnode_cmd() -> list[str]:
+    """The command line of this checkout's `dicomnode` (the shared venv's entry point may belong to
+    another clone); run with PYTHONPATH at the repository root, as `dicomnode_env` sets."""
+    return [sys.executable, "-m", "dicomnode.cli"]
+
+
+def dicomnode_env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", **extra}
 
 
 def free_port() -> int:
@@ -69,14 +75,13 @@ class NodeProcess:
         self.storage = Path(config["node"]["storage"])
         self.config_path = tmp / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
-        self.env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+        self.env = dicomnode_env(**(env or {}))
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "node.log"
 
     def start(self) -> "NodeProcess":
-        exe = dicomnode_exe()
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([exe, "serve", "--config", str(self.config_path)], cwd=ROOT, env=self.env,
+        self.proc = subprocess.Popen([*dicomnode_cmd(), "serve", "--config", str(self.config_path)], cwd=ROOT, env=self.env,
                                      stdout=self._logf, stderr=subprocess.STDOUT)
         wait_port(self.port, proc=self.proc)
         return self

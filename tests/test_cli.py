@@ -3,20 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 
 from tests.conftest import read_series
+from tests.node_helpers import dicomnode_cmd, dicomnode_env
 
 
-def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    exe = shutil.which("dicomnode", path=str(Path(sys.executable).parent)) or "dicomnode"
-    return subprocess.run([exe, *args], capture_output=True, text=True, cwd=cwd, env={**os.environ, "MPLBACKEND": "Agg"})
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*dicomnode_cmd(), *args], capture_output=True, text=True, env=dicomnode_env())
 
 
 def test_phantom_command_writes_dicom_and_truth(tmp_path: Path) -> None:
@@ -55,3 +52,24 @@ def test_demo_generates_a_study_and_a_preview(tmp_path: Path) -> None:
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "preview.png").stat().st_size > 20_000
     assert "truth: class" in r.stdout and "AX T2" in r.stdout
+
+
+def test_process_runs_routed_pipelines_on_a_folder(tmp_path: Path) -> None:
+    from training.phantom.generator import PhantomOptions, generate_study
+
+    generate_study(tmp_path / "in", 4, PhantomOptions(contrasts=("T2", "T1"), max_matrix=256))
+    (tmp_path / "in" / "dicom" / "notes.txt").write_text("not DICOM")
+    (tmp_path / "node.yaml").write_text(
+        "plugins: [tests.plugins.pipelines_for_tests]\n"
+        "rules: [{name: t2, match: {SeriesDescription: '(?i)t2'}, pipelines: [derive]}]\n")
+    r = run("process", str(tmp_path / "in" / "dicom"), str(tmp_path / "out"), "--config", str(tmp_path / "node.yaml"))
+    assert r.returncode == 0, r.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    truth = json.loads((tmp_path / "in" / "truth" / "truth.json").read_text())
+    [study] = results["studies"]
+    assert study["study_instance_uid"] == truth["study_instance_uid"]
+    assert [o["modality"] for o in study["outputs"]] == ["OT"]  # only the T2 series matched
+    assert (tmp_path / "out" / study["outputs"][0]["path"]).exists()
+    assert "notes.txt: not a readable DICOM instance" in r.stderr
+    r = run("process", str(tmp_path / "in" / "dicom"), str(tmp_path / "out2"), "--pipelines", "nonexistent")
+    assert r.returncode != 0 and "no pipeline named 'nonexistent'" in r.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import sqlite3
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import MRImageStorage
 
-from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, dicomnode_exe, free_port, phantom_series, wait_for
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, dicomnode_cmd, free_port, phantom_series, wait_for
 
 
 def jobs(node: NodeProcess) -> list[dict]:
@@ -229,7 +230,7 @@ def test_destination_down_goes_dead_and_retry_delivers(tmp_path: Path) -> None:
         assert send_job["attempts"] == 3 and "no association" in send_job["last_error"]
         assert "it is dead, `dicomnode retry` sends it again" in node.log_text()
         receiver.start()
-        cli = subprocess.run([dicomnode_exe(), "retry", str(send_job["id"]), "--config", str(node.config_path)],
+        cli = subprocess.run([*dicomnode_cmd(), "retry", str(send_job["id"]), "--config", str(node.config_path)],
                              capture_output=True, text=True, env=node.env)
         assert cli.returncode == 0, cli.stderr
         wait_for(lambda: jobs(node)[send_job["id"] - 1]["state"] == "done", 30, what="retried job delivered")
@@ -251,3 +252,34 @@ def test_eight_senders_at_once_store_everything_once(node: NodeProcess, tmp_path
     db = sqlite3.connect(node.storage / "index.sqlite")
     assert db.execute("SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances").fetchone() == (1600, 1600)
     assert sum(1 for _ in (node.storage / "instances").rglob("*.dcm")) == 1600
+
+
+def test_a_2gb_pdu_claim_does_not_hurt_the_node(node: NodeProcess, tmp_path: Path) -> None:
+    """A peer announces a 2 GB A-ASSOCIATE-RQ and sends 10 bytes: the node drops it and serves on."""
+    import socket
+    import struct
+
+    with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
+        s.sendall(struct.pack(">BBL", 0x01, 0x00, 0x7FFFFFFF) + b"\x00" * 10)
+        time.sleep(0.5)
+    r = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    assert r.returncode == 0, r.stderr
+    assert node.proc is not None and node.proc.poll() is None
+
+
+def test_no_patient_data_in_logs_or_audit(tmp_path: Path) -> None:
+    cfg = {"assembly": {"series_quiet_seconds": 0.5},
+           "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        series = phantom_series(tmp_path)
+        ds = pydicom.dcmread(next(series.glob("*.dcm")))
+        assert storescu(node.port, series).returncode == 0
+        wait_for(lambda: any(j["state"] == "done" for j in jobs(node)), 30, what="job done")
+    finally:
+        node.stop()
+    text = node.log_text() + (node.storage / "audit.jsonl").read_text()
+    events = {json.loads(line)["event"] for line in (node.storage / "audit.jsonl").read_text().splitlines()}
+    assert {"received", "routed", "started", "finished"} <= events
+    for phi in (str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)):
+        assert phi not in text

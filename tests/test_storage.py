@@ -1,0 +1,47 @@
+"""Storage on its own: durable layout, duplicates, retention."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from dicomnode.storage import Identity, InvalidInstance, Storage, check_uid
+
+
+def ident(i: int, series: str = "1.2.3.1") -> Identity:
+    return Identity("1.2.840.10008.5.1.4.1.1.4", f"1.2.3.9.{i}", "1.2.3", series)
+
+
+def test_uids_are_checked_before_they_become_paths() -> None:
+    assert check_uid("x", "1.2.840.10008") == "1.2.840.10008"
+    for bad in ("../../x", "1.2.03", "1..2", "a.b", "1.2/3", "1" * 65, ""):
+        with pytest.raises(InvalidInstance):
+            check_uid("SOP Instance UID", bad)
+
+
+def test_duplicates_keep_first_or_replace(tmp_path: Path) -> None:
+    keep = Storage(tmp_path / "a", "keep_first")
+    assert keep.store(b"first", ident(1), {}, "A") == "stored"
+    assert keep.store(b"second", ident(1), {}, "A") == "duplicate"
+    assert keep.path_for(ident(1)).read_bytes() == b"first"
+    replace = Storage(tmp_path / "b", "replace")
+    replace.store(b"first", ident(1), {}, "A")
+    assert replace.store(b"second", ident(1), {}, "A") == "replaced"
+    assert replace.path_for(ident(1)).read_bytes() == b"second"
+    assert replace.counts()["instances"] == 1 and replace.series("1.2.3.1")["n_instances"] == 1
+    assert not list((tmp_path / "b" / "tmp").iterdir())  # no half-written files left behind
+
+
+def test_retention_removes_the_oldest_but_not_what_jobs_need(tmp_path: Path) -> None:
+    s = Storage(tmp_path)
+    for i in range(10):
+        s.store(b"x" * 100, ident(i, "1.2.3.1" if i < 5 else "1.2.3.2"), {}, "A")
+        time.sleep(0.01)
+    assert s.housekeep(None, 700, keep={"1.2.3.1"}) == 3  # only series 2 may go: its 3 oldest
+    assert s.counts()["instances"] == 7 and s.counts()["bytes"] == 700
+    assert not s.path_for(ident(5, "1.2.3.2")).exists() and s.path_for(ident(0)).exists()
+    assert s.series("1.2.3.2")["n_instances"] == 2
+    assert s.housekeep(1e-9, None) == 7  # everything is older than a nanosecond of a day
+    assert s.counts()["instances"] == 0 and s.series("1.2.3.1") is None
