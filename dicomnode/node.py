@@ -22,6 +22,9 @@ log = logging.getLogger("dicomnode.node")
 
 
 def gpu_count() -> int:
+    """GPUs for GPU pipelines; torch (half a GB of memory) is imported only when one is installed."""
+    if not any(registry.get(n).device == "gpu" for n in registry.names()):
+        return 0
     try:
         import torch
 
@@ -40,7 +43,7 @@ class Node:
         self.results = root / "results"
         self.assembler = Assembler(cfg.assembly.series_quiet_seconds, self.dispatch)
         self.scp = StoreSCP(cfg, self.storage, self.audit, lambda ident: self.assembler.touch(ident.series_uid))
-        self.gpus = gpu_count()
+        self.gpus = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
 
@@ -55,6 +58,7 @@ class Node:
                     registry.get(name)
                 except KeyError as e:
                     raise ConfigError(f"rules: rule {rule.name!r}: {e.args[0]}") from None
+        self.gpus = gpu_count()
         resumed = self.jobs.resume()
         if resumed:
             log.info("%d job(s) interrupted by the last stop are queued again", resumed)

@@ -100,7 +100,6 @@ class StoreSCP:
             if ident.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
                 log.warning("C-STORE from %s refused: the dataset's SOP Instance UID differs from the command's", calling)
                 return SOP_MISMATCH
-            attributes = routing_attributes(ds)
             _check_pixel_length(ds, UID(event.context.transfer_syntax))
             data = event.encoded_dataset(include_meta=True)
         except (InvalidInstance, TruncatedInstance) as e:
@@ -112,7 +111,7 @@ class StoreSCP:
             self.audit.write("refused", calling_ae=calling, reason=f"undecodable dataset ({type(e).__name__})")
             return CANNOT_UNDERSTAND
         try:
-            outcome = self.storage.store(data, ident, attributes, calling)
+            outcome = self.storage.store(data, ident, lambda: routing_attributes(ds), calling)
         except OSError as e:
             log.error("C-STORE from %s failed: cannot write to storage (%s)", calling, e.strerror)
             return OUT_OF_RESOURCES

@@ -14,7 +14,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dicomnode.db import Database
 
@@ -70,11 +70,15 @@ class Storage(Database):
     def path_for(self, ident: Identity) -> Path:
         return self.root / "instances" / ident.study_uid / ident.series_uid / f"{ident.sop_instance_uid}.dcm"
 
-    def store(self, data: bytes, ident: Identity, attributes: dict[str, Any], calling_ae: str) -> str:
-        """Write and index one instance; returns "stored", "replaced" or "duplicate" (kept first)."""
+    def store(self, data: bytes, ident: Identity, attributes: Callable[[], dict[str, Any]], calling_ae: str) -> str:
+        """Write and index one instance; returns "stored", "replaced" or "duplicate" (kept first).
+
+        `attributes` (what rules match on) is called only for the first instance of a series.
+        """
         final = self.path_for(ident)
         with self._lock:
             exists = self._db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop_instance_uid,)).fetchone()
+            known_series = self._db.execute("SELECT 1 FROM series WHERE series_uid=?", (ident.series_uid,)).fetchone()
         if exists and self.duplicates == "keep_first":
             return "duplicate"
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,8 @@ class Storage(Database):
                 self._db.execute(
                     "INSERT INTO series(series_uid, study_uid, attributes, calling_ae, first_at, last_at, n_instances) "
                     "VALUES (?,?,?,?,?,?,1) ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at, "
-                    "n_instances=n_instances+?", (ident.series_uid, ident.study_uid, json.dumps(attributes), calling_ae,
+                    "n_instances=n_instances+?", (ident.series_uid, ident.study_uid,
+                                                  None if known_series else json.dumps(attributes()), calling_ae,
                                                   now, now, 0 if exists else 1))
                 self._db.execute("COMMIT")
             except BaseException:

@@ -23,12 +23,12 @@ def test_uids_are_checked_before_they_become_paths() -> None:
 
 def test_duplicates_keep_first_or_replace(tmp_path: Path) -> None:
     keep = Storage(tmp_path / "a", "keep_first")
-    assert keep.store(b"first", ident(1), {}, "A") == "stored"
-    assert keep.store(b"second", ident(1), {}, "A") == "duplicate"
+    assert keep.store(b"first", ident(1), dict, "A") == "stored"
+    assert keep.store(b"second", ident(1), dict, "A") == "duplicate"
     assert keep.path_for(ident(1)).read_bytes() == b"first"
     replace = Storage(tmp_path / "b", "replace")
-    replace.store(b"first", ident(1), {}, "A")
-    assert replace.store(b"second", ident(1), {}, "A") == "replaced"
+    replace.store(b"first", ident(1), dict, "A")
+    assert replace.store(b"second", ident(1), dict, "A") == "replaced"
     assert replace.path_for(ident(1)).read_bytes() == b"second"
     assert replace.counts()["instances"] == 1 and replace.series("1.2.3.1")["n_instances"] == 1
     assert not list((tmp_path / "b" / "tmp").iterdir())  # no half-written files left behind
@@ -37,7 +37,7 @@ def test_duplicates_keep_first_or_replace(tmp_path: Path) -> None:
 def test_retention_removes_the_oldest_but_not_what_jobs_need(tmp_path: Path) -> None:
     s = Storage(tmp_path)
     for i in range(10):
-        s.store(b"x" * 100, ident(i, "1.2.3.1" if i < 5 else "1.2.3.2"), {}, "A")
+        s.store(b"x" * 100, ident(i, "1.2.3.1" if i < 5 else "1.2.3.2"), dict, "A")
         time.sleep(0.01)
     assert s.housekeep(None, 700, keep={"1.2.3.1"}) == 3  # only series 2 may go: its 3 oldest
     assert s.counts()["instances"] == 7 and s.counts()["bytes"] == 700
