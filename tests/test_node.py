@@ -32,9 +32,9 @@ def indexed(node: NodeProcess) -> set[str]:
     return {r[0] for r in db.execute("SELECT sop_instance_uid FROM instances")}
 
 
-def storescu(port: int, *paths: Path, aet: str = "STORESCU") -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aet", aet, "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(port), *map(str, paths)],
-                          capture_output=True, text=True, timeout=600)
+def storescu(port: int, *paths: Path, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    return subprocess.run(["storescu", "-aet", aet, "-aec", "DICOMNODE", *options, "+sd", "+r", "127.0.0.1", str(port),
+                           *map(str, paths)], capture_output=True, text=True, timeout=600)
 
 
 @pytest.fixture
@@ -283,3 +283,26 @@ def test_no_patient_data_in_logs_or_audit(tmp_path: Path) -> None:
     assert {"received", "routed", "started", "finished"} <= events
     for phi in (str(ds.PatientName), str(ds.PatientID), str(ds.PatientBirthDate)):
         assert phi not in text
+
+
+def test_late_instances_start_a_new_run_and_compressed_syntaxes_are_stored(tmp_path: Path) -> None:
+    cfg = {"assembly": {"series_quiet_seconds": 0.5}, "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        files = sorted(phantom_series(tmp_path).glob("*.dcm"))
+        assert storescu(node.port, *files[:-1]).returncode == 0
+        wait_for(lambda: [j["state"] for j in jobs(node)] == ["done"], 30, what="first run done")
+        # The last slice arrives late, JPEG-compressed: stored, and the series runs again, whole.
+        late = tmp_path / "late.dcm"
+        assert subprocess.run(["dcmcjpeg", "+e1", str(files[-1]), str(late)], capture_output=True).returncode == 0
+        assert pydicom.dcmread(late).file_meta.TransferSyntaxUID.is_compressed
+        assert storescu(node.port, late, options=("-xs",)).returncode == 0  # propose JPEG lossless
+        wait_for(lambda: [j["state"] for j in jobs(node)] == ["done", "done"], 30, what="second run done")
+        second = json.loads(jobs(node)[1]["payload"])
+        assert second["instances"] == len(files)
+        assert len(indexed(node)) == len(files)
+        status = subprocess.run([*dicomnode_cmd(), "status", "--config", str(node.config_path)], capture_output=True,
+                                text=True, env=node.env)
+        assert f"1 studies, 1 series, {len(files)} instances" in status.stdout and "done 2" in status.stdout
+    finally:
+        node.stop()
