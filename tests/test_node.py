@@ -306,3 +306,21 @@ def test_late_instances_start_a_new_run_and_compressed_syntaxes_are_stored(tmp_p
         assert f"1 studies, 1 series, {len(files)} instances" in status.stdout and "done 2" in status.stdout
     finally:
         node.stop()
+
+
+def test_destination_down_for_a_while_gets_the_result_when_back(tmp_path: Path) -> None:
+    receiver = NodeProcess(tmp_path / "receiver", {})
+    cfg = {"assembly": {"series_quiet_seconds": 0.5}, "jobs": {"backoff_seconds": 0.5, "send_max_attempts": 8},
+           "destinations": {"archive": {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": receiver.port}},
+           "rules": [{"name": "all", "match": {}, "pipelines": ["derive"], "send_to": ["archive"]}]}
+    node = NodeProcess(tmp_path / "sender", cfg).start()
+    try:
+        assert storescu(node.port, phantom_series(tmp_path)).returncode == 0
+        wait_for(lambda: [j for j in jobs(node) if j["kind"] == "send" and j["state"] == "failed"], 30, what="a failed attempt")
+        receiver.start()
+        send = wait_for(lambda: [j for j in jobs(node) if j["kind"] == "send" and j["state"] == "done"], 60, what="delivered")[0]
+        assert send["attempts"] >= 2
+        assert len(indexed(receiver)) == 1
+    finally:
+        node.stop()
+        receiver.stop()
