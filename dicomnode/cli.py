@@ -79,8 +79,8 @@ def _config(args: argparse.Namespace):
         cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
-    for key, attr in (("host", "host"), ("port", "port"), ("ae_title", "ae_title"), ("storage", "storage")):
-        value = getattr(args, attr, None)
+    for key in ("host", "port", "ae_title", "storage"):
+        value = getattr(args, key, None)
         if value is not None:
             setattr(cfg.node, key, type(getattr(cfg.node, key))(value))
     return cfg

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import logging
 import threading
 import time
@@ -50,8 +49,7 @@ class Node:
     # ------------------------------------------------------------------ life cycle
 
     def start(self) -> "Node":
-        for module in self.cfg.plugins:
-            importlib.import_module(module)
+        registry.load_plugins(self.cfg.plugins)
         for rule in self.cfg.rules:
             for name in rule.pipelines:
                 try:
@@ -140,11 +138,11 @@ class Node:
             except Exception as e:  # any failure is recorded on the job and retried with back-off
                 reason = f"{type(e).__name__}: {e}"
                 state = self.jobs.fail(job.id, reason)
-                (log.error if state == "dead" else log.warning)("job %d (%s %s) attempt %d/%d failed: %s%s", job.id, job.kind,
-                                                               job.pipeline or job.destination, job.attempts,
-                                                               job.max_attempts, reason,
-                                                               "; it is dead, `dicomnode retry` sends it again"
-                                                               if state == "dead" else "; it will be retried")
+                what = f"job {job.id} ({job.kind} {job.pipeline or job.destination}) attempt {job.attempts}/{job.max_attempts}"
+                if state == "dead":
+                    log.error("%s failed: %s; it is dead, `dicomnode retry` sends it again", what, reason)
+                else:
+                    log.warning("%s failed: %s; it will be retried", what, reason)
                 self.audit.write("failed", job=job.id, kind=job.kind, state=state, reason=reason, seconds=round(time.time() - t0, 3))
                 continue
             self.jobs.done(job.id, result)

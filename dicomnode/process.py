@@ -7,7 +7,6 @@ summarises the studies, their findings and the objects written.
 
 from __future__ import annotations
 
-import importlib
 import json
 import logging
 from collections import defaultdict
@@ -41,8 +40,7 @@ def read_series(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
 
 
 def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] | None = None) -> dict:
-    for module in cfg.plugins:
-        importlib.import_module(module)
+    registry.load_plugins(cfg.plugins)
     out.mkdir(parents=True, exist_ok=True)
     studies: dict[str, dict] = {}
     for series_uid, items in read_series(inp).items():

@@ -100,12 +100,13 @@ class Storage(Database):
                 self._db.execute("INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?)",
                                  (ident.sop_instance_uid, ident.sop_class_uid, ident.study_uid, ident.series_uid,
                                   str(final), len(data), now, calling_ae))
+                # The instance count is derived from the index, so concurrent duplicates cannot skew it.
                 self._db.execute(
-                    "INSERT INTO series(series_uid, study_uid, attributes, calling_ae, first_at, last_at, n_instances) "
-                    "VALUES (?,?,?,?,?,?,1) ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at, "
-                    "n_instances=n_instances+?", (ident.series_uid, ident.study_uid,
-                                                  None if known_series else json.dumps(attributes()), calling_ae,
-                                                  now, now, 0 if exists else 1))
+                    "INSERT INTO series(series_uid, study_uid, attributes, calling_ae, first_at, last_at) VALUES (?,?,?,?,?,?) "
+                    "ON CONFLICT(series_uid) DO UPDATE SET last_at=excluded.last_at",
+                    (ident.series_uid, ident.study_uid, None if known_series else json.dumps(attributes()), calling_ae, now, now))
+                self._db.execute("UPDATE series SET n_instances=(SELECT COUNT(*) FROM instances WHERE series_uid=?) "
+                                 "WHERE series_uid=?", (ident.series_uid, ident.series_uid))
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")

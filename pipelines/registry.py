@@ -7,6 +7,7 @@ CPU jobs in parallel.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -39,3 +40,9 @@ def get(name: str) -> Pipeline:
 
 def names() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def load_plugins(modules: list[str]) -> None:
+    """Import modules that register more pipelines (the configuration's `plugins:`)."""
+    for module in modules:
+        importlib.import_module(module)
