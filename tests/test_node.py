@@ -210,7 +210,8 @@ def test_orthanc_pushes_a_study_and_gets_the_result_back(tmp_path: Path) -> None
                                           if s["MainDicomTags"].get("SeriesDescription") == "TEST DERIVED"
                                           and s["ParentStudy"] == ids[0]], 60, what=f"result back in Orthanc by {via}")
                 assert len(found) == 1
-                assert [j["state"] for j in jobs(node)] == ["done", "done"]
+                # The send job is marked done just after the destination acknowledged it.
+                wait_for(lambda: [j["state"] for j in jobs(node)] == ["done", "done"], 10, what="both jobs done")
             finally:
                 node.stop()
     finally:
