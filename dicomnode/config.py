@@ -60,10 +60,13 @@ class Rule(_Strict):
     match: dict[str, Any] = Field(default_factory=dict)
     pipelines: list[str]
     send_to: list[str] = Field(default_factory=list)
+    scope: Literal["series", "study"] = Field(
+        "series", description="series: a job per matching series; study: one job on the whole study when any series matches")
 
 
 class AssemblySection(_Strict):
     series_quiet_seconds: float = Field(5.0, gt=0)
+    study_quiet_seconds: float = Field(15.0, gt=0, description="for rules with scope: study")
 
 
 class JobsSection(_Strict):

@@ -113,11 +113,12 @@ class JobStore(Database):
             rows = cur.fetchall()
         return [Job(*r[:7], json.loads(r[7] or "{}"), *r[8:]) for r in rows]
 
-    def pending_series(self) -> set[str]:
-        """Series that a job not yet done or dead still needs."""
+    def pending(self) -> set[str]:
+        """Series and studies that a job not yet done or dead still needs (study jobs need the whole study)."""
         with self._lock:
-            rows = self._db.execute("SELECT DISTINCT series_uid FROM jobs WHERE state IN ('queued','running','failed')").fetchall()
-        return {r[0] for r in rows}
+            rows = self._db.execute("SELECT series_uid, study_uid, payload FROM jobs WHERE state IN ('queued','running','failed')"
+                                    ).fetchall()
+        return {r[0] for r in rows} | {r[1] for r in rows if json.loads(r[2] or "{}").get("scope") == "study"}
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from dicomnode.assembly import Assembler
 from dicomnode.audit import Audit
-from dicomnode.config import ConfigError, DicomDestination, NodeConfig, RestDestination
+from dicomnode.config import ConfigError, DicomDestination, NodeConfig, RestDestination, Rule
 from dicomnode.jobs import Job, JobStore
 from dicomnode.routing import route
 from dicomnode.scp import StoreSCP
 from dicomnode.scu import Peer, SendError, post_instances, store
-from dicomnode.storage import Storage
+from dicomnode.storage import Identity, Storage
 from pipelines import registry
 
 log = logging.getLogger("dicomnode.node")
@@ -40,8 +40,9 @@ class Node:
         self.audit = Audit(root / "audit.jsonl")
         self.jobs = JobStore(root / "jobs.sqlite", cfg.jobs.backoff_seconds)
         self.results = root / "results"
-        self.assembler = Assembler(cfg.assembly.series_quiet_seconds, self.dispatch)
-        self.scp = StoreSCP(cfg, self.storage, self.audit, lambda ident: self.assembler.touch(ident.series_uid))
+        self.assembler = Assembler({"series": cfg.assembly.series_quiet_seconds, "study": cfg.assembly.study_quiet_seconds},
+                                   self.dispatch)
+        self.scp = StoreSCP(cfg, self.storage, self.audit, self._received)
         self.gpus = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -61,7 +62,10 @@ class Node:
         if resumed:
             log.info("%d job(s) interrupted by the last stop are queued again", resumed)
         for row in self.storage.undispatched():
-            self.assembler.touch(row["series_uid"])
+            if row["series_due"]:
+                self.assembler.touch("series", row["series_uid"])
+            if row["study_due"]:
+                self.assembler.touch("study", row["study_uid"])
         self.assembler.start()
         pools = [("cpu", self.cfg.jobs.cpu_workers)] + [(f"gpu{i}", 1) for i in range(self.gpus)]
         for device, n in pools:
@@ -79,7 +83,7 @@ class Node:
     def _housekeep(self) -> None:
         r = self.cfg.retention
         while True:
-            removed = self.storage.housekeep(r.days, r.max_bytes, keep=self.jobs.pending_series())
+            removed = self.storage.housekeep(r.days, r.max_bytes, keep=self.jobs.pending())
             if removed:
                 log.info("retention: removed %d instance(s)", removed)
                 self.audit.write("deleted", instances=removed, reason="retention")
@@ -98,28 +102,60 @@ class Node:
 
     # ------------------------------------------------------------------ routing
 
-    def dispatch(self, series_uid: str) -> list[int]:
-        """Route a complete series: one process job per pipeline of each matching rule."""
+    def _received(self, ident: Identity) -> None:
+        self.assembler.touch("series", ident.series_uid)
+        self.assembler.touch("study", ident.study_uid)
+
+    def _rules(self, scope: str) -> list[Rule]:
+        return [r for r in self.cfg.rules if r.scope == scope]
+
+    def _enqueue(self, rule: Rule, series_uid: str, study_uid: str, instances: int) -> list[int]:
+        ids = []
+        for name in rule.pipelines:
+            device = "gpu0" if registry.get(name).device == "gpu" and self.gpus else "cpu"
+            ids.append(self.jobs.enqueue("process", series_uid, study_uid, self.cfg.jobs.max_attempts, device=device,
+                                         pipeline=name, payload={"rule": rule.name, "send_to": rule.send_to,
+                                                                 "scope": rule.scope, "instances": instances}))
+        return ids
+
+    def dispatch(self, scope: str, uid: str) -> list[int]:
+        return self.dispatch_study(uid) if scope == "study" else self.dispatch_series(uid)
+
+    def dispatch_series(self, series_uid: str) -> list[int]:
+        """Route a complete series: one process job per pipeline of each matching series rule."""
         row = self.storage.series(series_uid)
         if row is None:
             return []
-        rules = route(self.cfg.rules, row["attributes"], self.cfg.rule_mode)
-        ids = []
-        for rule in rules:
-            for name in rule.pipelines:
-                device = "gpu0" if registry.get(name).device == "gpu" and self.gpus else "cpu"
-                ids.append(self.jobs.enqueue("process", series_uid, row["study_uid"], self.cfg.jobs.max_attempts,
-                                             device=device, pipeline=name,
-                                             payload={"rule": rule.name, "send_to": rule.send_to,
-                                                      "instances": row["n_instances"]}))
+        rules = route(self._rules("series"), row["attributes"], self.cfg.rule_mode)
+        ids = [i for rule in rules for i in self._enqueue(rule, series_uid, row["study_uid"], row["n_instances"])]
         self.storage.mark_dispatched(series_uid, row["n_instances"])
         if rules:
             self.audit.write("routed", series_uid=series_uid, study_uid=row["study_uid"], rules=[r.name for r in rules],
                              jobs=ids, instances=row["n_instances"])
-        else:
+        elif not route(self._rules("study"), row["attributes"], "first"):
             log.info("series %s (%s, %r) matches no rule: stored, not processed", series_uid,
                      row["attributes"].get("Modality"), row["attributes"].get("SeriesDescription"))
             self.audit.write("unrouted", series_uid=series_uid, study_uid=row["study_uid"], instances=row["n_instances"])
+        return ids
+
+    def dispatch_study(self, study_uid: str) -> list[int]:
+        """Route a complete study: a study rule matches when any of its series matches; its job gets the whole study
+        (the first matching series stands for it, e.g. to find the sender)."""
+        rows = self.storage.study_series(study_uid)
+        if not rows:
+            return []
+        hits: dict[str, tuple[Rule, str]] = {}
+        for row in rows:
+            for rule in route(self._rules("study"), row["attributes"], self.cfg.rule_mode):
+                hits.setdefault(rule.name, (rule, row["series_uid"]))
+        if self.cfg.rule_mode == "first" and hits:
+            first = next(r.name for r in self._rules("study") if r.name in hits)
+            hits = {first: hits[first]}
+        total = sum(r["n_instances"] for r in rows)
+        ids = [i for rule, series_uid in hits.values() for i in self._enqueue(rule, series_uid, study_uid, total)]
+        self.storage.mark_study_dispatched({r["series_uid"]: r["n_instances"] for r in rows})
+        if hits:
+            self.audit.write("routed", study_uid=study_uid, rules=list(hits), jobs=ids, instances=total, scope="study")
         return ids
 
     # ------------------------------------------------------------------ workers
@@ -150,7 +186,8 @@ class Node:
                              seconds=round(time.time() - t0, 3), **result)
 
     def _process(self, job: Job) -> dict:
-        files = self.storage.series_files(job.series_uid)
+        study = job.payload.get("scope") == "study"
+        files = self.storage.study_files(job.study_uid) if study else self.storage.series_files(job.series_uid)
         out = self.results / f"job-{job.id}"
         out.mkdir(parents=True, exist_ok=True)
         produced = registry.get(job.pipeline or "").run(files, out)

@@ -1,7 +1,7 @@
 """`dicomnode process IN OUT`: the pipelines on a folder of DICOM files, without a network.
 
 Series are grouped and routed exactly as the node routes them (or to the pipelines named on the
-command line); each pipeline writes into OUT/<series UID>/<pipeline>/, and OUT/results.json
+command line); each pipeline writes into OUT/<series or study UID>/<pipeline>/, and OUT/results.json
 summarises the studies, their findings and the objects written.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from dicomnode.config import NodeConfig
+from dicomnode.config import NodeConfig, Rule
 from dicomnode.routing import route
 from dicomnode.scp import routing_attributes
 from pipelines import registry
@@ -39,25 +39,40 @@ def read_series(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
     return dict(series)
 
 
+def _run(name: str, files: list[Path], target: Path, out: Path, study: dict, series_uid: str) -> None:
+    target.mkdir(parents=True, exist_ok=True)
+    for p in registry.get(name).run(files, target):
+        modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", ""))
+        study["outputs"].append({"modality": modality, "path": str(p.relative_to(out)), "pipeline": name,
+                                 "series_instance_uid": series_uid})
+
+
 def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] | None = None) -> dict:
+    """Run series rules on each series and study rules on each study, as the node does; or the
+    named pipelines on each series."""
     registry.load_plugins(cfg.plugins)
     out.mkdir(parents=True, exist_ok=True)
+    series_rules = [r for r in cfg.rules if r.scope == "series"]
+    study_rules = [r for r in cfg.rules if r.scope == "study"]
     studies: dict[str, dict] = {}
+    study_hits: dict[str, dict[str, Rule]] = defaultdict(dict)
+    study_files: dict[str, list[Path]] = defaultdict(list)
     for series_uid, items in read_series(inp).items():
-        first = items[0][1]
-        names = pipelines if pipelines is not None else \
-            [n for r in route(cfg.rules, routing_attributes(first), cfg.rule_mode) for n in r.pipelines]
-        study = studies.setdefault(str(first.StudyInstanceUID),
-                                   {"study_instance_uid": str(first.StudyInstanceUID), "findings": {}, "outputs": []})
-        if not names:
-            log.info("series %s (%r) matches no rule", series_uid, first.get("SeriesDescription"))
+        attrs = routing_attributes(items[0][1])
+        study_uid = str(items[0][1].StudyInstanceUID)
+        study = studies.setdefault(study_uid, {"study_instance_uid": study_uid, "findings": {}, "outputs": []})
+        study_files[study_uid] += [p for p, _ in items]
+        for rule in [] if pipelines is not None else route(study_rules, attrs, cfg.rule_mode):
+            study_hits[study_uid].setdefault(rule.name, rule)
+        names = pipelines if pipelines is not None else [n for r in route(series_rules, attrs, cfg.rule_mode) for n in r.pipelines]
+        if not names and not study_hits[study_uid]:
+            log.info("series %s (%r) matches no rule", series_uid, attrs.get("SeriesDescription"))
         for name in names:
-            target = out / series_uid / name
-            target.mkdir(parents=True, exist_ok=True)
-            for p in registry.get(name).run([p for p, _ in items], target):
-                modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", ""))
-                study["outputs"].append({"modality": modality, "path": str(p.relative_to(out)), "pipeline": name,
-                                         "series_instance_uid": series_uid})
+            _run(name, [p for p, _ in items], out / series_uid / name, out, study, series_uid)
+    for study_uid, hits in study_hits.items():
+        rules = list(hits.values())[:1] if cfg.rule_mode == "first" else list(hits.values())
+        for name in (n for r in rules for n in r.pipelines):
+            _run(name, study_files[study_uid], out / study_uid / name, out, studies[study_uid], "")
     results = {"studies": list(studies.values())}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results

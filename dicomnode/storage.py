@@ -27,7 +27,8 @@ CREATE TABLE IF NOT EXISTS instances (
 CREATE INDEX IF NOT EXISTS instances_series ON instances(series_uid);
 CREATE TABLE IF NOT EXISTS series (
   series_uid TEXT PRIMARY KEY, study_uid TEXT, attributes TEXT, calling_ae TEXT,
-  first_at REAL, last_at REAL, n_instances INTEGER DEFAULT 0, dispatched_instances INTEGER DEFAULT 0);
+  first_at REAL, last_at REAL, n_instances INTEGER DEFAULT 0, dispatched_instances INTEGER DEFAULT 0,
+  study_dispatched_instances INTEGER DEFAULT 0);
 """
 
 
@@ -126,23 +127,41 @@ class Storage(Database):
     def series_files(self, series_uid: str) -> list[Path]:
         return [Path(r["path"]) for r in self._rows("SELECT path FROM instances WHERE series_uid=? ORDER BY path", (series_uid,))]
 
+    def study_series(self, study_uid: str) -> list[dict]:
+        rows = self._rows("SELECT * FROM series WHERE study_uid=? ORDER BY first_at", (study_uid,))
+        for row in rows:
+            row["attributes"] = json.loads(row["attributes"] or "{}")
+        return rows
+
+    def study_files(self, study_uid: str) -> list[Path]:
+        return [Path(r["path"]) for r in self._rows("SELECT path FROM instances WHERE study_uid=? ORDER BY series_uid, path",
+                                                    (study_uid,))]
+
     def undispatched(self) -> list[dict]:
-        """Series with instances that no job has seen yet (also after a restart)."""
-        return self._rows("SELECT series_uid, last_at FROM series WHERE n_instances > dispatched_instances")
+        """Series with instances that no series or study routing has seen yet (also after a restart)."""
+        return self._rows("SELECT series_uid, study_uid, n_instances > dispatched_instances AS series_due, "
+                          "n_instances > study_dispatched_instances AS study_due FROM series "
+                          "WHERE n_instances > dispatched_instances OR n_instances > study_dispatched_instances")
 
     def mark_dispatched(self, series_uid: str, n_instances: int) -> None:
         with self._lock:
             self._db.execute("UPDATE series SET dispatched_instances=? WHERE series_uid=?", (n_instances, series_uid))
 
+    def mark_study_dispatched(self, counts: dict[str, int]) -> None:
+        """Record the instance count of each series that a study routing has seen."""
+        with self._lock:
+            self._db.executemany("UPDATE series SET study_dispatched_instances=? WHERE series_uid=?",
+                                 [(n, uid) for uid, n in counts.items()])
+
     def housekeep(self, days: float | None, max_bytes: int | None, keep: set[str] | frozenset[str] = frozenset()) -> int:
         """Delete the oldest instances beyond the retention limits; never those of series in `keep`
-        (series that jobs still need). Returns how many instances were removed."""
-        rows = self._rows("SELECT sop_instance_uid, series_uid, path, size, received_at FROM instances ORDER BY received_at")
+        or of studies in `keep` (studies that jobs still need). Returns how many instances were removed."""
+        rows = self._rows("SELECT sop_instance_uid, series_uid, study_uid, path, size, received_at FROM instances ORDER BY received_at")
         total = sum(r["size"] for r in rows)
         cutoff = time.time() - days * 86400 if days else None
         doomed = []
         for r in rows:
-            if r["series_uid"] in keep:
+            if r["series_uid"] in keep or r["study_uid"] in keep:
                 continue
             if (cutoff is not None and r["received_at"] < cutoff) or (max_bytes is not None and total > max_bytes):
                 doomed.append(r)
@@ -153,7 +172,8 @@ class Storage(Database):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.executemany("DELETE FROM instances WHERE sop_instance_uid=?", [(r["sop_instance_uid"],) for r in doomed])
             self._db.execute("UPDATE series SET n_instances=(SELECT COUNT(*) FROM instances i WHERE i.series_uid=series.series_uid)")
-            self._db.execute("UPDATE series SET dispatched_instances=MIN(dispatched_instances, n_instances)")
+            self._db.execute("UPDATE series SET dispatched_instances=MIN(dispatched_instances, n_instances), "
+                             "study_dispatched_instances=MIN(study_dispatched_instances, n_instances)")
             self._db.execute("DELETE FROM series WHERE n_instances=0")
             self._db.execute("COMMIT")
         return len(doomed)

@@ -326,3 +326,29 @@ def test_destination_down_for_a_while_gets_the_result_when_back(tmp_path: Path) 
     finally:
         node.stop()
         receiver.stop()
+
+
+def test_study_rules_wait_for_the_whole_study(tmp_path: Path) -> None:
+    from training.phantom.generator import PhantomOptions, generate_study
+
+    generate_study(tmp_path / "study", 12, PhantomOptions(contrasts=("T1", "T2"), max_matrix=192))
+    t1, t2 = (tmp_path / "study" / "dicom" / s for s in ("series_1", "series_2"))
+    n = len(list(t1.glob("*.dcm"))) + len(list(t2.glob("*.dcm")))
+    cfg = {"assembly": {"series_quiet_seconds": 0.3, "study_quiet_seconds": 4.0},
+           "rules": [{"name": "t1-only", "match": {"SeriesDescription": "(?i)t1"}, "pipelines": ["derive"]},
+                     {"name": "modic", "scope": "study", "match": {"SeriesDescription": "(?i)t2"}, "pipelines": ["derive"]}]}
+    node = NodeProcess(tmp_path, cfg).start()
+    try:
+        assert storescu(node.port, t1).returncode == 0
+        wait_for(lambda: [j["state"] for j in jobs(node)] == ["done"], 30, what="series job on T1")
+        time.sleep(0.5)  # the T1 series is long complete, the study is not yet: no study job so far
+        assert len(jobs(node)) == 1
+        assert storescu(node.port, t2).returncode == 0
+        both = wait_for(lambda: [j for j in jobs(node) if j["state"] == "done"][1:], 30, what="study job")
+        assert len(jobs(node)) == 2  # T2 matches only the study rule: no series job for it
+        study_job = both[0]
+        assert json.loads(study_job["payload"])["scope"] == "study"
+        derived = pydicom.dcmread(node.storage / "results" / f"job-{study_job['id']}" / "derived.dcm")
+        assert derived.ImageComments == f"derived from {n} instances"
+    finally:
+        node.stop()

@@ -24,6 +24,7 @@ def derive(files: list[Path], out: Path) -> list[Path]:
     ds.SOPInstanceUID = generate_uid(entropy_srcs=[str(src.SOPInstanceUID), "derived"])
     ds.SeriesInstanceUID = generate_uid(entropy_srcs=[str(src.SeriesInstanceUID), "derived"])
     ds.SeriesDescription = "TEST DERIVED"
+    ds.ImageComments = f"derived from {len(files)} instances"
     ds.Modality = "OT"
     ds.ConversionType = "WSD"
     ds.file_meta.MediaStorageSOPClassUID = ds.SOPClassUID
