@@ -137,6 +137,11 @@ class Orthanc:
         r.raise_for_status()
         return r.json()
 
+    def get_bytes(self, path: str) -> bytes:
+        r = requests.get(self.url + path, timeout=30)
+        r.raise_for_status()
+        return r.content
+
     def post(self, path: str, data):
         r = requests.post(self.url + path, data=data if isinstance(data, bytes) else json.dumps(data), timeout=60)
         r.raise_for_status()
