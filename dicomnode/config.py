@@ -82,6 +82,14 @@ class RetentionSection(_Strict):
     interval_seconds: float = Field(300, gt=0)
 
 
+class ResultsSection(_Strict):
+    """How result objects are encoded; viewers differ in what they show."""
+
+    seg_fractional: bool = Field(False, description="probabilities instead of a binary SEG")
+    seg_omit_empty_frames: bool = Field(True, description="false: one frame per source image and segment")
+    explanations: Literal["parametric_map", "secondary_capture"] = "parametric_map"
+
+
 class NodeConfig(_Strict):
     node: NodeSection = Field(default_factory=NodeSection)
     accept: AcceptSection = Field(default_factory=AcceptSection)
@@ -91,6 +99,7 @@ class NodeConfig(_Strict):
     assembly: AssemblySection = Field(default_factory=AssemblySection)
     jobs: JobsSection = Field(default_factory=JobsSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    results: ResultsSection = Field(default_factory=ResultsSection)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra pipelines")
 
     def check_references(self) -> None:

@@ -16,6 +16,7 @@ from dicomnode.scp import StoreSCP
 from dicomnode.scu import Peer, SendError, post_instances, store
 from dicomnode.storage import Identity, Storage
 from pipelines import registry
+from structured_reports.model import ResultOptions
 
 log = logging.getLogger("dicomnode.node")
 
@@ -43,6 +44,7 @@ class Node:
         self.assembler = Assembler({"series": cfg.assembly.series_quiet_seconds, "study": cfg.assembly.study_quiet_seconds},
                                    self.dispatch)
         self.scp = StoreSCP(cfg, self.storage, self.audit, self._received)
+        self.result_options = ResultOptions(**cfg.results.model_dump())
         self.gpus = 0
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -190,7 +192,7 @@ class Node:
         files = self.storage.study_files(job.study_uid) if study else self.storage.series_files(job.series_uid)
         out = self.results / f"job-{job.id}"
         out.mkdir(parents=True, exist_ok=True)
-        produced = registry.get(job.pipeline or "").run(files, out)
+        produced = registry.get(job.pipeline or "").run(files, out, self.result_options)
         for dest in job.payload.get("send_to", []):
             self.jobs.enqueue("send", job.series_uid, job.study_uid, self.cfg.jobs.send_max_attempts, destination=dest,
                               payload={"files": [str(p) for p in produced], "from_job": job.id})

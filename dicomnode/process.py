@@ -19,6 +19,7 @@ from dicomnode.config import NodeConfig, Rule
 from dicomnode.routing import route
 from dicomnode.scp import routing_attributes
 from pipelines import registry
+from structured_reports.model import ResultOptions
 
 log = logging.getLogger("dicomnode.process")
 
@@ -39,9 +40,9 @@ def read_series(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
     return dict(series)
 
 
-def _run(name: str, files: list[Path], target: Path, out: Path, study: dict, series_uid: str) -> None:
+def _run(name: str, files: list[Path], target: Path, out: Path, study: dict, series_uid: str, options: ResultOptions) -> None:
     target.mkdir(parents=True, exist_ok=True)
-    for p in registry.get(name).run(files, target):
+    for p in registry.get(name).run(files, target, options):
         modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", ""))
         study["outputs"].append({"modality": modality, "path": str(p.relative_to(out)), "pipeline": name,
                                  "series_instance_uid": series_uid})
@@ -52,6 +53,7 @@ def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] |
     named pipelines on each series."""
     registry.load_plugins(cfg.plugins)
     out.mkdir(parents=True, exist_ok=True)
+    options = ResultOptions(**cfg.results.model_dump())
     series_rules = [r for r in cfg.rules if r.scope == "series"]
     study_rules = [r for r in cfg.rules if r.scope == "study"]
     studies: dict[str, dict] = {}
@@ -68,11 +70,11 @@ def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] |
         if not names and not study_hits[study_uid]:
             log.info("series %s (%r) matches no rule", series_uid, attrs.get("SeriesDescription"))
         for name in names:
-            _run(name, [p for p, _ in items], out / series_uid / name, out, study, series_uid)
+            _run(name, [p for p, _ in items], out / series_uid / name, out, study, series_uid, options)
     for study_uid, hits in study_hits.items():
         rules = list(hits.values())[:1] if cfg.rule_mode == "first" else list(hits.values())
         for name in (n for r in rules for n in r.pipelines):
-            _run(name, study_files[study_uid], out / study_uid / name, out, studies[study_uid], "")
+            _run(name, study_files[study_uid], out / study_uid / name, out, studies[study_uid], "", options)
     results = {"studies": list(studies.values())}
     (out / "results.json").write_text(json.dumps(results, indent=1))
     return results

@@ -1,7 +1,8 @@
 """Pipelines by name: what the routing rules refer to.
 
-A pipeline takes the files of one series and a folder for its results, and returns the result
-files (DICOM objects) it wrote there. `device` says where it runs: one GPU job at a time per GPU,
+A pipeline takes the files of one series (or study), a folder for its results and the configured
+result encoding (`ResultOptions`), and returns the result files (DICOM objects) it wrote there,
+usually through `structured_reports.writer.write_results`. `device` says where it runs: one GPU job at a time per GPU,
 CPU jobs in parallel.
 """
 
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-RunFn = Callable[[list[Path], Path], list[Path]]
+from structured_reports.model import ResultOptions
+
+RunFn = Callable[[list[Path], Path, ResultOptions], list[Path]]
 
 
 @dataclass(frozen=True)

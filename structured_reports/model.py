@@ -70,6 +70,24 @@ class Angle:
     category: str | None = None  # a key of codes.GRADES: hypolordosis, normal_lordosis, hyperlordosis
 
 
+@dataclass(frozen=True)
+class Explanation:
+    """A Grad-CAM map (values in [0, 1], the source image's size) of one decision on one source image."""
+
+    sop_instance_uid: str
+    heatmap: np.ndarray
+    decision: str
+
+
+@dataclass(frozen=True)
+class ResultOptions:
+    """How results are encoded, from the node configuration's `results:` section (viewers differ)."""
+
+    seg_fractional: bool = False
+    seg_omit_empty_frames: bool = True
+    explanations: str = "parametric_map"  # or "secondary_capture": a colour overlay any viewer shows
+
+
 @dataclass
 class Report:
     """What the SR carries: findings and angles; the reader gives this back."""

@@ -220,3 +220,25 @@ def test_private_codes_are_documented() -> None:
                if c.scheme_designator == codes.PRIVATE_SCHEME] + [codes.GRADE, codes.ENDPLATE_LINE]
     for c in private:
         assert re.search(rf"\|\s*`{re.escape(c.value)}`\s*\|\s*{re.escape(c.meaning)}\s*\|", doc), c
+
+
+@pytest.mark.parametrize("results", [{}, {"seg_fractional": True, "seg_omit_empty_frames": False,
+                                          "explanations": "secondary_capture"}])
+def test_write_results_follows_the_node_configuration(built: list[Built], tmp_path: Path, results: dict) -> None:
+    from dicomnode.config import parse_config
+    from structured_reports.model import Explanation, ResultOptions
+    from structured_reports.writer import write_results
+
+    options = ResultOptions(**parse_config({"results": results}).results.model_dump())
+    t = built[1].truth
+    src = t.sources[len(t.sources) // 2]
+    paths = write_results(tmp_path, t.sources, ALGORITHM, options, segments=t.segments, findings=t.findings,
+                          angles=t.angles, explanations=[Explanation(str(src.SOPInstanceUID), heatmap_for(src), "canal stenosis")])
+    assert [p.name for p in paths] == ["seg.dcm", "sr.dcm", "gradcam-1.dcm"]
+    seg, explanation = pydicom.dcmread(paths[0]), pydicom.dcmread(paths[2])
+    assert seg.SegmentationType == ("FRACTIONAL" if options.seg_fractional else "BINARY")
+    frames = len(t.sources) * len(t.segments)
+    assert (int(seg.NumberOfFrames) == frames) == (not options.seg_omit_empty_frames)
+    assert explanation.SOPClassUID.name == ("Secondary Capture Image Storage" if results else "Parametric Map Storage")
+    assert explanation.SourceImageSequence[0].ReferencedSOPInstanceUID == src.SOPInstanceUID
+    assert all(dciodvfy_errors(p) == [] for p in paths)

@@ -15,9 +15,10 @@ import pydicom
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from pipelines.registry import Pipeline, register
+from structured_reports.model import ResultOptions
 
 
-def derive(files: list[Path], out: Path) -> list[Path]:
+def derive(files: list[Path], out: Path, options: ResultOptions | None = None) -> list[Path]:
     src = pydicom.dcmread(sorted(files)[0])
     ds = src.copy()
     ds.SOPClassUID = SecondaryCaptureImageStorage
@@ -34,7 +35,7 @@ def derive(files: list[Path], out: Path) -> list[Path]:
     return [path]
 
 
-def slow_derive(files: list[Path], out: Path) -> list[Path]:
+def slow_derive(files: list[Path], out: Path, options: ResultOptions | None = None) -> list[Path]:
     marker = Path(os.environ["DICOMNODE_TEST_MARKERS"])
     marker.mkdir(parents=True, exist_ok=True)
     (marker / f"attempt-{time.time_ns()}").touch()
@@ -42,7 +43,7 @@ def slow_derive(files: list[Path], out: Path) -> list[Path]:
     return derive(files, out)
 
 
-def failing(files: list[Path], out: Path) -> list[Path]:
+def failing(files: list[Path], out: Path, options: ResultOptions | None = None) -> list[Path]:
     raise RuntimeError("this test pipeline always fails")
 
 

@@ -88,3 +88,49 @@ def truth_results(study: Path, series_number: int = 1) -> TruthResults:
             findings.append(Finding("disc_degeneration", level, _grade_probability(t["disc_degeneration"]),
                                     t["disc_degeneration"], segment=level))
     return TruthResults(sources, labels, segments, findings, angles)
+
+
+def render_docs(docs: Path, seed: int = 5) -> list[Path]:
+    """Build SEG and SR of one phantom study from its truth, read them back and render the PNGs
+    in docs/images (SEG outlines with the endplate lines, and a Grad-CAM overlay whose map is a
+    stand-in drawn around the truth's L4/L5 disc box, not a model's: the builder is shown here)."""
+    import tempfile
+
+    from structured_reports.explain import build_gradcam_map
+    from structured_reports.model import Algorithm
+    from structured_reports.reader import read_seg, read_sr
+    from structured_reports.render import render_gradcam, render_slice
+    from structured_reports.seg import build_seg
+    from structured_reports.sr import build_sr
+    from training.phantom.generator import PhantomOptions, generate_study
+
+    with tempfile.TemporaryDirectory() as tmp:
+        study = Path(tmp) / "study"
+        generate_study(study, seed, PhantomOptions(contrasts=("T2",), max_matrix=384))
+        t = truth_results(study)
+        algo = Algorithm("phantom-truth", "docs")
+        seg = build_seg(t.sources, t.segments, algo)
+        sr = build_sr(t.sources, t.findings, t.angles, algo, seg=seg)
+        segments, report = read_seg(seg, t.sources), read_sr(sr, seg)  # draw what the objects say
+        k = [str(d.SOPInstanceUID) for d in t.sources].index(report.angles[0].sop_instance_uid)
+        images = docs / "images"
+        out = [render_slice(t.sources, k, segments, report.angles, images / "result_seg_lordosis.png",
+                            "SEG outlines and lordosis endplate lines, read back from our SEG and SR")]
+        box = next(f.region for f in report.findings if f.kind == "disc_herniation" and f.level == "L4/L5" and f.region)
+        src = t.sources[k]
+        (x0, y0), (x1, y1) = box.points[0], box.points[2]
+        rows, cols = np.mgrid[0:src.Rows, 0:src.Columns]
+        heat = np.exp(-(((cols - (x0 + x1) / 2) / max(x1 - x0, 4)) ** 2 + ((rows - (y0 + y1) / 2) / max(y1 - y0, 4)) ** 2))
+        pm = build_gradcam_map(src, heat.astype(np.float32), algo, "disc herniation L4/L5")
+        out.append(render_gradcam(src, pm.pixel_array[0] if pm.pixel_array.ndim == 3 else pm.pixel_array,
+                                  images / "result_gradcam.png", "Parametric Map (stand-in map around the L4/L5 disc)"))
+    return out
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description=render_docs.__doc__)
+    parser.add_argument("--docs", type=Path, default=Path("docs"))
+    for p in render_docs(parser.parse_args().docs):
+        print(p)
