@@ -199,6 +199,29 @@ def _process(args: argparse.Namespace) -> int:
     return 0
 
 
+def _seeds(text: str) -> list[int]:
+    """"1000-1059" or "1,2,5" -> seeds."""
+    if "-" in text:
+        a, b = text.split("-", 1)
+        return list(range(int(a), int(b) + 1))
+    return [int(x) for x in text.split(",") if x]
+
+
+def _train(args: argparse.Namespace) -> int:
+    from training.datasets.real_lumbar import load_cases, split
+    from training.trainers.spine_seg import SpineSegConfig, train
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds), iterations=args.iterations, seed=args.seed)
+    if args.real_dir:
+        cfg.real_dir = args.real_dir
+    ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
+    cfg.real_cases = ids if args.fold < 0 else split(ids, args.fold)[0]
+    out = train(cfg, Path(args.out), Path(args.cache))
+    print(f"model folder written: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomnode", description="DICOM AI node for lumbar spine MRI.")
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -260,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--config", help="rules and plugins (default: embedded defaults)")
     pr.add_argument("--pipelines", help="comma-separated pipelines to run on every series, instead of the rules")
     pr.set_defaults(func=_process)
+
+    tr = sub.add_parser("train", help="train a pipeline's model from the phantom and the real cases")
+    tr.add_argument("model", choices=["spine-seg"])
+    tr.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
+    tr.add_argument("--phantom-seeds", default="1000-1059", help="training phantom seeds, e.g. 1000-1059")
+    tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
+                    "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
+    tr.add_argument("--iterations", type=int, default=2500)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
+    tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
+    tr.set_defaults(func=_train)
 
     rt = sub.add_parser("retry", help="queue a dead or failed job again")
     rt.add_argument("job", type=int)

@@ -103,3 +103,13 @@ def case_to_dicom(case: RealCase, out: Path) -> dict:
                          "labels_file": "series_1.npz", "label_values": case.label_values()}]}
     (out / "truth" / "truth.json").write_text(json.dumps(truth, indent=1))
     return truth
+
+
+def split(case_ids: list[str], fold: int, folds: int = 3) -> tuple[list[str], list[str]]:
+    """(train, held-out) case ids of one cross-validation fold, stratified by dataset: every
+    `folds`-th case of each dataset (in id order) is held out, so each fold sees every scanner type."""
+    held: list[str] = []
+    for dataset in sorted({c.split("_")[0] for c in case_ids}):
+        ids = sorted(c for c in case_ids if c.split("_")[0] == dataset)
+        held += ids[fold::folds]
+    return [c for c in sorted(case_ids) if c not in held], sorted(held)

@@ -1,0 +1,171 @@
+"""`spine-seg`: vertebral bodies L1-L5 and S1, discs L1/L2-L5/S1 and the spinal canal on a sagittal
+MR series, as a DICOM SEG.
+
+A 2-D U-Net labels each 1 mm sagittal slice with five classes (background, vertebral body, S1,
+disc, canal); levels are then named by anatomy, counting vertebral bodies up from S1 and checking
+that a disc lies between each pair, never by where they sit in the image.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from pipelines.registry import Pipeline, register
+from pipelines.series import Series, pick_series
+from structured_reports.codes import STRUCTURES
+from structured_reports.model import Algorithm, ResultOptions, Segment
+from structured_reports.writer import write_results
+from training.phantom.anatomy import LABEL_VALUES
+
+MODEL_DIR = Path(__file__).resolve().parent / "models" / "spine-seg"
+BODY, S1, DISC, CANAL = 1, 2, 3, 4
+LUMBAR = ["L5", "L4", "L3", "L2", "L1"]  # counted up from S1
+MIN_BODY_MM3, MIN_S1_MM3, MIN_DISC_MM3 = 1500.0, 1500.0, 250.0
+MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
+
+
+class Model:
+    """A trained spine-seg model folder, ready to run on CPU or GPU."""
+
+    def __init__(self, folder: Path = MODEL_DIR, device: str = "cpu"):
+        import torch
+
+        from training.trainers.common import read_model_folder
+        from training.trainers.spine_seg import network
+
+        state, self.description = read_model_folder(folder)
+        self.net = network(tuple(self.description["network"]["channels"]))
+        self.net.load_state_dict(state)
+        self.device = torch.device(device)
+        self.net.to(self.device).eval()
+        self.algorithm = Algorithm(f"dicomnode {self.description['name']}", self.description["version"])
+
+    def probabilities(self, series: Series, batch: int = 8) -> np.ndarray:
+        """Class probabilities [class, slice, row, col] on the series' own grid."""
+        import torch
+
+        from training.datasets.spine_seg import GRID_MM, normalise, to_grid
+        from training.trainers.common import pad_to
+
+        volume = normalise(series.volume)
+        grid = np.stack([to_grid(s, series.spacing, order=1, grid=GRID_MM) for s in volume])
+        padded, (r, c) = pad_to(grid)
+        out = []
+        with torch.inference_mode():
+            for i in range(0, len(padded), batch):
+                x = torch.from_numpy(np.ascontiguousarray(padded[i:i + batch]))[:, None].to(self.device)
+                out.append(torch.softmax(self.net(x), dim=1)[:, :, :r, :c].float().cpu().numpy())
+        probs = np.concatenate(out).transpose(1, 0, 2, 3)  # class, slice, row, col on the 1 mm grid
+        rows, cols = series.volume.shape[1:]
+        zoom = (1, 1, rows / probs.shape[2], cols / probs.shape[3])
+        back = ndimage.zoom(probs, zoom, order=1, grid_mode=True, mode="nearest")
+        return back[:, :, :rows, :cols]
+
+
+@functools.lru_cache(maxsize=2)
+def load_model(folder: str = str(MODEL_DIR), device: str | None = None) -> Model:
+    """The model, loaded once per process; on the GPU when there is one."""
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return Model(Path(folder), device)
+
+
+@dataclass
+class Labelled:
+    """Named structures on the series grid, in the phantom's label values (L1 = 1 ... L5/S1 = 15, canal 30)."""
+
+    labels: np.ndarray
+    problems: list[str] = field(default_factory=list)
+
+    def names(self) -> list[str]:
+        present = set(np.unique(self.labels).tolist())
+        return [n for n in STRUCTURES if LABEL_VALUES[n] in present]
+
+
+def _components(mask: np.ndarray, voxel_mm3: float, minimum: float, series: Series) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mask, centroid in patient mm) of each 3-D connected component of at least `minimum` mm³."""
+    lab, n = ndimage.label(mask)
+    out = []
+    for i, size in enumerate(ndimage.sum_labels(mask, lab, range(1, n + 1)), start=1):
+        if size * voxel_mm3 >= minimum:
+            comp = lab == i
+            k, r, c = (float(v) for v in ndimage.center_of_mass(comp))
+            ki = int(round(k))
+            centre = series.patient_points(ki, np.array([r]), np.array([c]))[0]
+            out.append((comp, centre))
+    return out
+
+
+def voxel_mm3(series: Series) -> float:
+    ipp = [np.asarray(d.ImagePositionPatient, dtype=float) for d in series.datasets[:2]]
+    gap = float(np.linalg.norm(ipp[1] - ipp[0])) if len(ipp) == 2 else 1.0
+    return series.spacing[0] * series.spacing[1] * gap
+
+
+def name_levels(classes: np.ndarray, series: Series) -> Labelled:
+    """Name bodies and discs by anatomy: S1 is the largest S1-class component; the bodies above it,
+    nearest first, are L5, L4, ... L1; a disc takes the names of the two bodies around it."""
+    v = voxel_mm3(series)
+    out = Labelled(np.zeros(classes.shape, dtype=np.uint8))
+    out.labels[classes == CANAL] = LABEL_VALUES["canal"]
+    s1 = _components(classes == S1, v, MIN_S1_MM3, series)
+    if not s1:
+        out.problems.append("S1 is not in the field of view (or not recognised): vertebral levels are not named")
+        return out
+    s1_mask, s1_centre = max(s1, key=lambda x: x[0].sum())
+    out.labels[s1_mask] = LABEL_VALUES["S1"]
+    bodies = sorted((b for b in _components(classes == BODY, v, MIN_BODY_MM3, series) if b[1][2] > s1_centre[2]),
+                    key=lambda b: b[1][2])
+    chain: list[tuple[str, np.ndarray]] = [("S1", s1_centre)]
+    for name, (mask, centre) in zip(LUMBAR, bodies):
+        if np.linalg.norm(centre - chain[-1][1]) > MAX_STEP_MM:
+            out.problems.append(f"no vertebral body found within {MAX_STEP_MM:.0f} mm above {chain[-1][0]}: "
+                                f"levels above it are not named")
+            break
+        out.labels[mask] = LABEL_VALUES[name]
+        chain.append((name, centre))
+    if len(chain) < 6:
+        out.problems.append(f"only {len(chain) - 1} lumbar vertebral bodies found above S1 (L1 may be outside the field of view)")
+    discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
+    for (lower, lc), (upper, uc) in zip(chain, chain[1:]):
+        between = [d for d in discs if lc[2] < d[1][2] < uc[2]]
+        if not between:
+            out.problems.append(f"no disc found between {upper} and {lower}: check the level naming")
+            continue
+        mask = np.logical_or.reduce([d[0] for d in between])
+        out.labels[mask & (out.labels == 0)] = LABEL_VALUES[f"{upper}/{lower}"]
+    return out
+
+
+def segment(series: Series, model: Model | None = None) -> Labelled:
+    model = model or load_model()
+    classes = np.argmax(model.probabilities(series), axis=0).astype(np.uint8)
+    return name_levels(classes, series)
+
+
+def write_findings(out: Path, findings: dict) -> None:
+    """What `process` and the node add to results.json beside the objects (e.g. problems found)."""
+    (out / "findings.json").write_text(json.dumps(findings, indent=1))
+
+
+def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
+    series = pick_series(files)
+    model = load_model()
+    result = segment(series, model)
+    segments = [Segment(n, result.labels == LABEL_VALUES[n]) for n in result.names()]
+    write_findings(out, {"spine-seg": {"series": series.description, "structures": result.names(),
+                                       "problems": result.problems}})
+    if not segments:
+        return []
+    return write_results(out, series.datasets, model.algorithm, options, segments=segments)
+
+
+register(Pipeline("spine-seg", run, device="gpu", version="1.0"))

@@ -1,0 +1,125 @@
+"""Training slices for `spine-seg`: sagittal slices on a 1 mm grid with one class map each.
+
+The network learns five classes; levels are named afterwards by anatomy (count up from S1), so
+the network never learns "L3 is in the middle of the image". Phantom studies label everything;
+real cases label one kind of structure, and all that a case does not label is IGNORE (left out of
+the loss), not background.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from training.datasets.real_lumbar import RealCase
+from training.phantom.anatomy import LABEL_VALUES
+
+CLASSES = ("background", "vertebral_body", "S1", "disc", "canal")
+IGNORE = 255
+GRID_MM = 1.0
+
+_PHANTOM_LUT = np.zeros(256, dtype=np.uint8)
+for _name in ("T12", "L1", "L2", "L3", "L4", "L5"):
+    _PHANTOM_LUT[LABEL_VALUES[_name]] = 1
+_PHANTOM_LUT[LABEL_VALUES["S1"]] = 2
+for _name in ("T12/L1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"):
+    _PHANTOM_LUT[LABEL_VALUES[_name]] = 3
+_PHANTOM_LUT[LABEL_VALUES["canal"]] = 4
+
+
+def phantom_classes(labels: np.ndarray) -> np.ndarray:
+    """Phantom label values -> training classes (the sacrum below S1 is background)."""
+    return _PHANTOM_LUT[labels]
+
+
+def real_classes(case: RealCase) -> np.ndarray:
+    """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere.
+
+    VB1 does not say which bodies it labels; its lowest may be S1, so that one is IGNORE too."""
+    cls = np.full(case.labels.shape, IGNORE, dtype=np.uint8)
+    cls[case.known()] = 0
+    kind = 1 if case.kind == "vertebral_body" else 3
+    cls[case.labels > 0] = kind
+    if case.dataset == "VB1":
+        cls[case.labels == case.labels.max()] = IGNORE
+    return cls
+
+
+def normalise(volume: np.ndarray) -> np.ndarray:
+    """Per-volume intensity scaling to [0, 1] between the 0.5th and 99.5th percentiles (scanners and
+    collectors scale intensities arbitrarily)."""
+    v = volume.astype(np.float32)
+    lo, hi = np.percentile(v, [0.5, 99.5])
+    return np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def to_grid(image: np.ndarray, spacing: tuple[float, float], order: int, grid: float = GRID_MM) -> np.ndarray:
+    """A 2-D slice resampled from its (row, column) spacing to `grid` mm pixels."""
+    zoom = (spacing[0] / grid, spacing[1] / grid)
+    if np.allclose(zoom, 1):
+        return image
+    return ndimage.zoom(image, zoom, order=order, mode="nearest", grid_mode=True)
+
+
+@dataclass
+class Slices:
+    images: list[np.ndarray]  # float32 [rows, cols] on the 1 mm grid, normalised
+    targets: list[np.ndarray]  # uint8 classes, IGNORE where unknown
+    origin: list[str]  # "phantom:<seed>:<contrast>" or "real:<case id>"
+
+    def extend(self, other: "Slices") -> None:
+        self.images += other.images
+        self.targets += other.targets
+        self.origin += other.origin
+
+
+def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR")) -> Slices:
+    """Every sagittal series of one phantom study, rendered in memory (no DICOM written)."""
+    from training.phantom.acquisition import acquisitions
+    from training.phantom.generator import PhantomOptions, design_study
+    from training.phantom.mr import degrade, quantise, signal_table
+    from training.phantom.render import render_series
+
+    options = PhantomOptions(contrasts=contrasts, max_matrix=384)
+    d = design_study(seed, options)
+    out = Slices([], [], [])
+    for a in acquisitions(d, options):
+        signals = signal_table(d.tissues.names, a.contrast, d.nucleus_t2)
+        labels, _, clean = render_series(d.shapes, a.planes, signals)
+        ref = float(signals[1:].max())
+        pixels = normalise(quantise(degrade(clean, a.degradation, ref), a.degradation, ref))
+        spacing = a.planes[0].pixel_spacing
+        classes = phantom_classes(labels)
+        for k in range(len(pixels)):
+            out.images.append(to_grid(pixels[k], spacing, order=1))
+            out.targets.append(to_grid(classes[k], spacing, order=0))
+            out.origin.append(f"phantom:{seed}:{a.contrast.name}")
+    return out
+
+
+def real_slices(case: RealCase) -> Slices:
+    """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid)."""
+    image = normalise(case.image)
+    classes = real_classes(case)
+    out = Slices([], [], [])
+    for k in np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]:
+        out.images.append(np.ascontiguousarray(image[:, :, k]))
+        out.targets.append(np.ascontiguousarray(classes[:, :, k]))
+        out.origin.append(f"real:{case.case_id}")
+    return out
+
+
+def save(slices: Slices, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, origin=np.array(slices.origin),
+                        **{f"image_{i}": im for i, im in enumerate(slices.images)},
+                        **{f"target_{i}": t for i, t in enumerate(slices.targets)})
+
+
+def load(path: Path) -> Slices:
+    z = np.load(path)
+    n = len(z["origin"])
+    return Slices([z[f"image_{i}"] for i in range(n)], [z[f"target_{i}"] for i in range(n)], [str(o) for o in z["origin"]])

@@ -1,0 +1,96 @@
+"""Shared training machinery: seeding, masked losses, augmentation, checkpoints, model folders.
+
+A model folder describes itself (`model.json`: network, classes, normalisation, data, commit,
+metrics, version) beside its weights (`model.pt`), so inference needs only that folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
+    try:
+        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
+    """Cross-entropy plus soft Dice over the pixels whose class is known (target != ignore):
+    what a partially labelled case does not label teaches nothing, not background."""
+    known = target != ignore
+    ce = torch.nn.functional.cross_entropy(logits, target.long(), ignore_index=ignore)
+    prob = torch.softmax(logits, dim=1) * known[:, None]
+    onehot = torch.nn.functional.one_hot(torch.where(known, target, 0).long(), logits.shape[1]).permute(0, 3, 1, 2)
+    onehot = onehot * known[:, None]
+    inter = (prob * onehot).sum(dim=(0, 2, 3))
+    denom = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    present = onehot.sum(dim=(0, 2, 3)) > 0
+    dice = 1 - (2 * inter + 1e-5) / (denom + 1e-5)
+    return ce + (dice[present].mean() if present.any() else 0 * ce)
+
+
+def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, crop: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
+    """Random rotation (±15°), scale (0.85-1.2), crop; gamma, bias field, noise, blur, contrast
+    inversion: what scanners vary and the phantom may not cover."""
+    angle = np.deg2rad(rng.uniform(-15, 15))
+    scale = rng.uniform(0.85, 1.2)
+    c, s = np.cos(angle), np.sin(angle)
+    matrix = np.array([[c, -s], [s, c]]) / scale
+    # centre the crop on a random labelled point half of the time, so the spine is usually seen
+    fg = np.argwhere((target > 0) & (target != ignore))
+    centre = fg[rng.integers(len(fg))] if len(fg) and rng.random() < 0.7 else np.array(image.shape) / 2
+    centre = centre + rng.uniform(-40, 40, size=2)
+    offset = centre - matrix @ np.array([crop / 2, crop / 2])
+    img = ndimage.affine_transform(image, matrix, offset, output_shape=(crop, crop), order=1, cval=0.0)
+    tgt = ndimage.affine_transform(target, matrix, offset, output_shape=(crop, crop), order=0, cval=ignore)
+    img = np.clip(img, 0, 1) ** rng.uniform(0.7, 1.5)
+    if rng.random() < 0.15:
+        img = 1 - img  # unusual contrasts: fat-suppressed, inverted windows
+    yy, xx = np.mgrid[0:crop, 0:crop] / crop
+    img = img * (1 + rng.uniform(-0.3, 0.3) * (yy - 0.5) + rng.uniform(-0.3, 0.3) * (xx - 0.5))
+    if rng.random() < 0.3:
+        img = ndimage.gaussian_filter(img, rng.uniform(0.5, 1.2))
+    img = img + rng.normal(0, rng.uniform(0, 0.05), img.shape)
+    return img.astype(np.float32), tgt.astype(np.uint8)
+
+
+def pad_to(image: np.ndarray, multiple: int = 16, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int]]:
+    """Pad rows and columns up to a multiple (U-Net strides); returns the padded image and original shape."""
+    r, c = image.shape[-2:]
+    pr, pc = (-r) % multiple, (-c) % multiple
+    pad = [(0, 0)] * (image.ndim - 2) + [(0, pr), (0, pc)]
+    return np.pad(image, pad, constant_values=value), (r, c)
+
+
+def write_model_folder(folder: Path, state: dict[str, torch.Tensor], description: dict[str, Any]) -> None:
+    """Weights in half precision (a few MB) and the description beside them."""
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, folder / "model.pt")
+    (folder / "model.json").write_text(json.dumps(description, indent=1))
+
+
+def read_model_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    folder = Path(folder)
+    if not (folder / "model.json").exists():
+        raise FileNotFoundError(f"{folder} is not a model folder (no model.json); rebuild it with `dicomnode train`")
+    description = json.loads((folder / "model.json").read_text())
+    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, description

@@ -1,0 +1,123 @@
+"""Training of `spine-seg`: a 2-D MONAI U-Net on 1 mm sagittal slices of phantom studies and real
+cases together (partial labels masked out of the loss), resumable from its checkpoint."""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from training.datasets import spine_seg as data
+from training.datasets.real_lumbar import DEFAULT_DIR, load_cases
+from training.trainers.common import augment, git_commit, masked_ce_dice, seed_everything, write_model_folder
+
+log = logging.getLogger("dicomnode.train")
+
+VERSION = "1.0"
+
+
+@dataclass
+class SpineSegConfig:
+    phantom_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1060)))
+    real_cases: list[str] | None = None  # None: every real case
+    real_dir: str = str(DEFAULT_DIR)
+    iterations: int = 2500
+    batch: int = 8
+    crop: int = 192
+    lr: float = 2e-3
+    real_fraction: float = 0.4  # share of each batch drawn from real slices
+    channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    seed: int = 0
+    workers: int = 2
+
+
+def network(channels: tuple[int, ...] = SpineSegConfig.channels) -> torch.nn.Module:
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=1, out_channels=len(data.CLASSES), channels=tuple(channels),
+                strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
+
+
+def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
+    """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
+    phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}.npz"
+    if phantom_file.exists():
+        phantom = data.load(phantom_file)
+    else:
+        phantom = data.Slices([], [], [])
+        with ProcessPoolExecutor(cfg.workers) as pool:
+            for s in tqdm(pool.map(data.phantom_slices, cfg.phantom_seeds), total=len(cfg.phantom_seeds),
+                          desc="phantom studies", unit="study"):
+                phantom.extend(s)
+        data.save(phantom, phantom_file)
+    real = data.Slices([], [], [])
+    for case in load_cases(Path(cfg.real_dir)):
+        if cfg.real_cases is None or case.case_id in cfg.real_cases:
+            real.extend(data.real_slices(case))
+    return phantom, real
+
+
+def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int) -> tuple[np.ndarray, np.ndarray]:
+    pairs = [augment(pool.images[i], pool.targets[i], rng, crop, data.IGNORE) for i in rng.integers(len(pool.images), size=n)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
+    """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
+    rng = seed_everything(cfg.seed)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    phantom, real = collect(cfg, cache)
+    log.info("training on %d phantom and %d real slices", len(phantom.images), len(real.images))
+    net = network(cfg.channels)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
+    start, losses = 0, []
+    ckpt = out / "checkpoint.pt"
+    if ckpt.exists():
+        state = torch.load(ckpt, map_location="cpu", weights_only=False)
+        net.load_state_dict(state["net"])
+        opt.load_state_dict(state["opt"])
+        sched.load_state_dict(state["sched"])
+        start, losses = state["iteration"], state["losses"]
+        rng = np.random.default_rng([cfg.seed, start])
+        log.info("resuming at iteration %d", start)
+    n_real = round(cfg.batch * cfg.real_fraction) if real.images else 0
+    t0 = time.time()
+    net.train()
+    bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="spine-seg", unit="it")
+    for it in bar:
+        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop)
+        if n_real:
+            xr, yr = _batch(real, n_real, rng, cfg.crop)
+            xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
+        logits = net(torch.from_numpy(xs)[:, None])
+        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(float(loss))
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
+            out.mkdir(parents=True, exist_ok=True)
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "iteration": it + 1, "losses": losses}, ckpt)
+    description = {
+        "name": "spine-seg", "version": VERSION, "framework": "monai.networks.nets.UNet",
+        "network": {"spatial_dims": 2, "in_channels": 1, "channels": list(cfg.channels), "num_res_units": 1},
+        "classes": list(data.CLASSES), "grid_mm": data.GRID_MM,
+        "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
+        "levels": "named after inference by anatomy: bodies counted up from S1 (L5, L4, ...), discs between them",
+        "training": {**asdict(cfg), "phantom_slices": len(phantom.images), "real_slices": len(real.images),
+                     "real_case_ids": sorted({o.split(":", 1)[1] for o in real.origin}),
+                     "final_loss": float(np.mean(losses[-100:])), "seconds": round(time.time() - t0, 1)},
+        "commit": git_commit(), "metrics": {},
+    }
+    write_model_folder(out, net.state_dict(), description)
+    return out
