@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import tempfile
@@ -47,29 +48,13 @@ def _real_to_dicom(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from training.phantom.generator import PhantomOptions, generate_study
-    from training.phantom.preview import study_preview
+    from dicomnode.demo import run_demo
 
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="dicomnode-demo-"))
-    print(f"dicomnode {__version__} demo: generating a synthetic lumbar MR study (seed {args.seed})")
-    t0 = time.perf_counter()
-    truth = generate_study(out, args.seed, PhantomOptions(axial=True))
-    n_files = sum(1 for _ in (out / "dicom").rglob("*.dcm"))
-    print(f"  {n_files} DICOM files in {len(truth['series'])} series under {out / 'dicom'} ({time.perf_counter() - t0:.1f} s)")
-    for s in truth["series"]:
-        a = s["acquisition"]
-        print(f"    {s['description']:8s} {a['matrix']}x{a['matrix']}, {a['slices']} slices, "
-              f"{a['pixel_spacing_mm']:.2f} mm pixels, {a['slice_thickness_mm']:.1f} mm thick")
-    print(f"  truth: class {truth['study_class']}, lordosis L1-S1 {truth['lordosis_deg']['L1-S1']:.1f} deg "
-          f"({truth['lordosis_class']}), L1-L5 {truth['lordosis_deg']['L1-L5']:.1f} deg")
-    for level, v in truth["levels"].items():
-        notes = [f"{k}={v[k]}" for k in ("herniation", "spinal_canal_stenosis", "disc_degeneration", "marrow")
-                 if k in v and v[k] not in ("none", "normal", "normal_mild")]
-        if notes:
-            print(f"    {level:6s} " + ", ".join(notes))
-    png = study_preview(out, out / "preview.png")
-    print(f"  preview: {png}")
-    return 0
+    print(f"dicomnode {__version__} demo in {out}: a synthetic lumbar MR study (seed {args.seed}) through the node")
+    summary = run_demo(out, args.seed)
+    return 0 if summary.get("sr") else 1
 
 
 def _config(args: argparse.Namespace):
@@ -222,6 +207,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from pipelines.spine_seg import MODEL_DIR
+    from training.evaluation.spine_seg import evaluate
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds), args.fold)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"error: {e}")
+    print(json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)} for k, v in metrics.items()}, indent=1))
+    print(f"report: {Path(args.out) / 'report.md'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dicomnode", description="DICOM AI node for lumbar spine MRI.")
     p.add_argument("--version", action="version", version=f"dicomnode {__version__}")
@@ -295,6 +294,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
     tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
     tr.set_defaults(func=_train)
+
+    ev = sub.add_parser("evaluate", help="measure a model on data it did not train on; writes a report with plots")
+    ev.add_argument("model", choices=["spine-seg"])
+    ev.add_argument("--out", required=True, help="report folder (report.md, metrics.json, plots)")
+    ev.add_argument("--model-folder", help="model folder (default: the shipped one, pipelines/models/spine-seg)")
+    ev.add_argument("--phantom-seeds", default="5000-5029")
+    ev.add_argument("--fold", type=int, default=0, help="the real cases' held-out fold (must not be trained on)")
+    ev.set_defaults(func=_evaluate)
 
     rt = sub.add_parser("retry", help="queue a dead or failed job again")
     rt.add_argument("job", type=int)

@@ -12,6 +12,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 printable chars, no backslash
 
 
+# The rule the lumbar pipelines ship with (conf/node.yaml and the demo): one job per study on its
+# best sagittal MR series, so T2, T1 and STIR of one study give one result, not three.
+LUMBAR_RULE: dict[str, Any] = {"name": "lumbar-sagittal", "scope": "study",
+                               "match": {"Modality": "MR", "orientation": "sagittal"},
+                               "pipelines": ["spine-seg", "lordosis"], "send_to": ["sender"]}
+
+
 class ConfigError(ValueError):
     """The configuration cannot be used; the message says which key and why."""
 

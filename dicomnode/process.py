@@ -46,6 +46,8 @@ def _run(name: str, files: list[Path], target: Path, out: Path, study: dict, ser
         modality = str(pydicom.dcmread(p, stop_before_pixels=True).get("Modality", ""))
         study["outputs"].append({"modality": modality, "path": str(p.relative_to(out)), "pipeline": name,
                                  "series_instance_uid": series_uid})
+    if (target / "findings.json").exists():  # what the pipeline measured, beside its objects
+        study["findings"].update(json.loads((target / "findings.json").read_text()))
 
 
 def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] | None = None) -> dict:

@@ -27,6 +27,7 @@ class Pipeline:
 
 
 _REGISTRY: dict[str, Pipeline] = {}
+BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis")  # imported on first lookup; torch only when they run
 
 
 def register(p: Pipeline) -> Pipeline:
@@ -34,7 +35,13 @@ def register(p: Pipeline) -> Pipeline:
     return p
 
 
+def _builtins() -> None:
+    for module in BUILTIN:
+        importlib.import_module(module)
+
+
 def get(name: str) -> Pipeline:
+    _builtins()
     try:
         return _REGISTRY[name]
     except KeyError:
@@ -42,6 +49,7 @@ def get(name: str) -> Pipeline:
 
 
 def names() -> list[str]:
+    _builtins()
     return sorted(_REGISTRY)
 
 

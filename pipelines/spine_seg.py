@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,9 @@ MODEL_DIR = Path(__file__).resolve().parent / "models" / "spine-seg"
 BODY, S1, DISC, CANAL = 1, 2, 3, 4
 LUMBAR = ["L5", "L4", "L3", "L2", "L1"]  # counted up from S1
 MIN_BODY_MM3, MIN_S1_MM3, MIN_DISC_MM3 = 1500.0, 1500.0, 250.0
+MIN_BODY_FRACTION = 0.3  # of the typical (median of the five largest) body volume
+S1_CONTACT = 0.05  # share of a body's voxels next to S1 above which it is part of S1
+SPLIT_MM = 3.0  # erosion that separates vertebral bodies touching through misclassified pixels
 MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
 
 
@@ -83,6 +87,7 @@ class Labelled:
     """Named structures on the series grid, in the phantom's label values (L1 = 1 ... L5/S1 = 15, canal 30)."""
 
     labels: np.ndarray
+    classes: np.ndarray  # the network's five classes, before naming
     problems: list[str] = field(default_factory=list)
 
     def names(self) -> list[str]:
@@ -90,16 +95,31 @@ class Labelled:
         return [n for n in STRUCTURES if LABEL_VALUES[n] in present]
 
 
-def _components(mask: np.ndarray, voxel_mm3: float, minimum: float, series: Series) -> list[tuple[np.ndarray, np.ndarray]]:
-    """(mask, centroid in patient mm) of each 3-D connected component of at least `minimum` mm³."""
-    lab, n = ndimage.label(mask)
+def _components(mask: np.ndarray, voxel_mm3: float, minimum: float, series: Series,
+                split_mm: float = 0.0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mask, centroid in patient mm) of each 3-D connected component of at least `minimum` mm³.
+
+    With `split_mm`, components are first found in the mask eroded in-plane by about that much,
+    then every voxel of the mask joins its nearest eroded component: thin bridges (a few pixels
+    of a disc taken for bone) no longer fuse two vertebrae into one."""
+    if split_mm > 0:
+        steps = max(1, int(round(split_mm / min(series.spacing))))
+        cross = ndimage.generate_binary_structure(2, 1)[np.newaxis]  # in-plane only, slice by slice
+        seeds, n = ndimage.label(ndimage.binary_erosion(mask, cross, iterations=steps))
+        if n == 0:
+            return []
+        gap = voxel_mm3 / (series.spacing[0] * series.spacing[1])
+        dist, idx = ndimage.distance_transform_edt(seeds == 0, sampling=(gap, *series.spacing), return_indices=True)
+        # voxels further than the erosion from every seed belonged to fragments that vanished: left out
+        lab = np.where(mask & (dist <= 1.5 * steps * max(series.spacing)), seeds[tuple(idx)], 0)
+    else:
+        lab, n = ndimage.label(mask)
     out = []
     for i, size in enumerate(ndimage.sum_labels(mask, lab, range(1, n + 1)), start=1):
         if size * voxel_mm3 >= minimum:
             comp = lab == i
             k, r, c = (float(v) for v in ndimage.center_of_mass(comp))
-            ki = int(round(k))
-            centre = series.patient_points(ki, np.array([r]), np.array([c]))[0]
+            centre = series.patient_points(int(round(k)), np.array([r]), np.array([c]))[0]
             out.append((comp, centre))
     return out
 
@@ -114,7 +134,7 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     """Name bodies and discs by anatomy: S1 is the largest S1-class component; the bodies above it,
     nearest first, are L5, L4, ... L1; a disc takes the names of the two bodies around it."""
     v = voxel_mm3(series)
-    out = Labelled(np.zeros(classes.shape, dtype=np.uint8))
+    out = Labelled(np.zeros(classes.shape, dtype=np.uint8), classes)
     out.labels[classes == CANAL] = LABEL_VALUES["canal"]
     s1 = _components(classes == S1, v, MIN_S1_MM3, series)
     if not s1:
@@ -122,8 +142,16 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
         return out
     s1_mask, s1_centre = max(s1, key=lambda x: x[0].sum())
     out.labels[s1_mask] = LABEL_VALUES["S1"]
-    bodies = sorted((b for b in _components(classes == BODY, v, MIN_BODY_MM3, series) if b[1][2] > s1_centre[2]),
-                    key=lambda b: b[1][2])
+    candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
+    if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
+        typical = float(np.median(sorted((c[0].sum() for c in candidates), reverse=True)[:5]))
+        candidates = [c for c in candidates if c[0].sum() >= MIN_BODY_FRACTION * typical]
+    # a "body" sharing a long border with S1 is S1 that the network was unsure of
+    near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
+    for comp, _ in [c for c in candidates if (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]:
+        out.labels[comp] = LABEL_VALUES["S1"]
+        candidates = [c for c in candidates if c[0] is not comp]
+    bodies = sorted((b for b in candidates if b[1][2] > s1_centre[2]), key=lambda b: b[1][2])
     chain: list[tuple[str, np.ndarray]] = [("S1", s1_centre)]
     for name, (mask, centre) in zip(LUMBAR, bodies):
         if np.linalg.norm(centre - chain[-1][1]) > MAX_STEP_MM:
@@ -145,10 +173,24 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     return out
 
 
+_cache: dict[tuple, Labelled] = {}
+_cache_lock = threading.Lock()
+
+
 def segment(series: Series, model: Model | None = None) -> Labelled:
+    """Named labels of a series. The last result is kept, so `lordosis` after `spine-seg` on the
+    same series (one study, two jobs) does not run the network twice."""
     model = model or load_model()
+    key = (id(model), tuple(series.uids))
+    with _cache_lock:
+        if key in _cache:
+            return _cache[key]
     classes = np.argmax(model.probabilities(series), axis=0).astype(np.uint8)
-    return name_levels(classes, series)
+    result = name_levels(classes, series)
+    with _cache_lock:
+        _cache.clear()
+        _cache[key] = result
+    return result
 
 
 def write_findings(out: Path, findings: dict) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -47,11 +48,14 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path: Path) -> None:
     assert not any(tmp_path.rglob("*.dcm"))
 
 
-def test_demo_generates_a_study_and_a_preview(tmp_path: Path) -> None:
+def test_demo_sends_a_study_through_the_node_and_shows_the_results(tmp_path: Path) -> None:
     r = run("demo", "--out", str(tmp_path), "--seed", "3")
-    assert r.returncode == 0, r.stderr
-    assert (tmp_path / "preview.png").stat().st_size > 20_000
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert (tmp_path / "preview.png").stat().st_size > 20_000 and (tmp_path / "result.png").stat().st_size > 20_000
     assert "truth: class" in r.stdout and "AX T2" in r.stdout
+    assert "spine-seg: done" in r.stdout and "lordosis: done" in r.stdout
+    assert re.search(r"lordosis L1-S1: [0-9.]+ deg \(truth [0-9.]+\)", r.stdout)
+    assert list((tmp_path / "var" / "results").rglob("seg.dcm")) and list((tmp_path / "var" / "results").rglob("sr.dcm"))
 
 
 def test_process_runs_routed_pipelines_on_a_folder(tmp_path: Path) -> None:

@@ -53,7 +53,7 @@ def normalise(volume: np.ndarray) -> np.ndarray:
     collectors scale intensities arbitrarily)."""
     v = volume.astype(np.float32)
     lo, hi = np.percentile(v, [0.5, 99.5])
-    return np.clip((v - lo) / max(hi - lo, 1e-6), 0, 1)
+    return np.clip((v - lo) / max(float(hi - lo), 1e-6), 0, 1).astype(np.float32)
 
 
 def to_grid(image: np.ndarray, spacing: tuple[float, float], order: int, grid: float = GRID_MM) -> np.ndarray:

@@ -1,0 +1,169 @@
+"""`lordosis`: the lumbar lordosis (Cobb) angles L1-S1 (superior endplates of L1 and S1) and L1-L5
+(L1 superior, L5 inferior), each from a robust line fit to the endplate boundary of the
+segmentation on the slice through the vertebral midline; hypo / normal / hyper by thresholds.
+A study where L1 or S1 is not found says so instead of guessing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+from scipy.spatial import ConvexHull
+
+from pipelines.registry import Pipeline, register
+from pipelines.series import Series, pick_series
+from structured_reports.model import Angle, Line, ResultOptions
+from structured_reports.writer import write_results
+from training.phantom.anatomy import LABEL_VALUES
+
+THRESHOLDS = (39.0, 53.0)  # seed 003: hypolordosis < 39 <= normal <= 53 < hyperlordosis
+SPANS = {"L1-S1": (("L1", "superior"), ("S1", "superior")), "L1-L5": (("L1", "superior"), ("L5", "inferior"))}
+
+
+def category(angle: float, thresholds: tuple[float, float] = THRESHOLDS) -> str:
+    lo, hi = thresholds
+    return "hypolordosis" if angle < lo else "hyperlordosis" if angle > hi else "normal_lordosis"
+
+
+@dataclass(frozen=True)
+class Endplate:
+    """A fitted endplate line on one slice: a point and unit direction in (row, col) mm, and its ends."""
+
+    point: np.ndarray
+    direction: np.ndarray
+    ends_px: tuple[tuple[float, float], tuple[float, float]]  # (row, col) pixel coordinates
+
+
+def _edge_points(pts: np.ndarray, along: np.ndarray, outward: np.ndarray) -> np.ndarray:
+    """Per 1 mm strip across the central 80 % of the body, the pixel furthest towards `outward`."""
+    centre = pts.mean(axis=0)
+    u, h = (pts - centre) @ along, (pts - centre) @ outward
+    lo, hi = np.percentile(u, [10, 90])
+    chosen = []
+    for a in np.arange(lo, hi, 1.0):
+        idx = np.nonzero((u >= a) & (u < a + 1.0))[0]
+        if len(idx):
+            chosen.append(idx[np.argmax(h[idx])])
+    return pts[chosen]
+
+
+def _line(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Total least squares line; points more than 1.5 mm off are dropped and it is fitted again."""
+    line = points
+    for _ in range(3):
+        c = line.mean(axis=0)
+        d = np.linalg.svd(line - c, full_matrices=False)[2][0]
+        keep = np.abs((line - c) @ np.array([-d[1], d[0]])) <= 1.5
+        if keep.sum() < 5 or keep.all():
+            break
+        line = line[keep]
+    return c, d, line
+
+
+def _side_directions(pts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The two side directions of the smallest rectangle around the points (a vertebral body is
+    close to a rectangle in a sagittal slice, whatever its tilt and proportions)."""
+    hull = pts[ConvexHull(pts).vertices]
+    best, best_area = None, np.inf
+    for a, b in zip(hull, np.roll(hull, -1, axis=0)):
+        e = (b - a) / (np.linalg.norm(b - a) or 1.0)
+        n = np.array([-e[1], e[0]])
+        area = np.ptp(hull @ e) * np.ptp(hull @ n)
+        if area < best_area:
+            best, best_area = (e, n), area
+    return best  # type: ignore[return-value]
+
+
+def fit_endplate(mask: np.ndarray, spacing: tuple[float, float], outward: np.ndarray) -> Endplate | None:
+    """The endplate of one vertebral body (2-D mask) facing `outward`, a (row, col) direction in mm
+    towards the neighbouring body. Of the sides of the body's smallest enclosing rectangle, the one
+    facing `outward` gives the direction across the body; the boundary pixel furthest that way in
+    each 1 mm strip of the central 80 % is an endplate point; a total least squares line through
+    them, points more than 1.5 mm off dropped, fitted again."""
+    mask = ndimage.binary_opening(ndimage.binary_fill_holes(mask), iterations=1)
+    rows, cols = np.nonzero(mask)
+    if len(rows) < 30:
+        return None
+    pts = np.column_stack([rows * spacing[0], cols * spacing[1]])
+    out = np.asarray(outward, dtype=float) / np.linalg.norm(outward)
+    e, n = _side_directions(pts)
+    normal = n if abs(np.dot(n, out)) >= abs(np.dot(e, out)) else e
+    normal = normal * np.sign(np.dot(normal, out))
+    along = np.array([-normal[1], normal[0]])
+    edge = _edge_points(pts, along, normal)
+    if len(edge) < 5:
+        return None
+    c, d, line = _line(edge)
+    t = (line - c) @ d
+    ends = [c + t.min() * d, c + t.max() * d]
+    ends_px = tuple((float(p[0] / spacing[0]), float(p[1] / spacing[1])) for p in ends)
+    return Endplate(c, d, ends_px)  # type: ignore[arg-type]
+
+
+def angle_between(a: Endplate, b: Endplate) -> float:
+    return float(np.degrees(np.arccos(np.clip(abs(np.dot(a.direction, b.direction)), 0, 1))))
+
+
+def midline_slice(labels: np.ndarray, names: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5", "S1")) -> int:
+    """The sagittal slice through the vertebral midline: the one with the most vertebral body pixels."""
+    bodies = np.isin(labels, [LABEL_VALUES[n] for n in names])
+    return int(np.argmax(bodies.sum(axis=(1, 2))))
+
+
+@dataclass
+class Measured:
+    angles: list[Angle]
+    problems: list[str]
+
+
+def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = THRESHOLDS) -> Measured:
+    """Both angles from named labels on the series grid (our segmentation, or manual masks)."""
+    k = midline_slice(labels)
+    sl = labels[k]
+    spacing = series.spacing
+
+    def centre(level: str) -> np.ndarray | None:
+        rows, cols = np.nonzero(sl == LABEL_VALUES[level])
+        return np.array([rows.mean() * spacing[0], cols.mean() * spacing[1]]) if len(rows) else None
+
+    # each endplate faces away from the body on its other side (L2 for L1, L4 for L5) or, for S1, towards L5
+    neighbours = {("L1", "superior"): ("L2", -1), ("S1", "superior"): ("L5", 1), ("L5", "inferior"): ("L4", -1)}
+    plates: dict[tuple[str, str], Endplate | None] = {}
+    for (level, side), (other, sign) in neighbours.items():
+        a, b = centre(level), centre(other)
+        plates[(level, side)] = None if a is None or b is None else \
+            fit_endplate(sl == LABEL_VALUES[level], spacing, sign * (b - a))
+    problems = []
+    angles = []
+    for span, (a, b) in SPANS.items():
+        if plates[a] is None or plates[b] is None:
+            missing = [lv for lv, side in (a, b) if plates[(lv, side)] is None]
+            problems.append(f"lordosis {span} not measured: {', '.join(missing)} not found on the midline slice "
+                            f"(outside the field of view or not recognised)")
+            continue
+        deg = angle_between(plates[a], plates[b])  # type: ignore[arg-type]
+        lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
+                      for e in (plates[a], plates[b]))  # SCOORD (column, row), pixel corner origin
+        angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
+                            category(deg, thresholds) if span == "L1-S1" else None))
+    return Measured(angles, problems)
+
+
+def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
+    from pipelines.spine_seg import load_model, segment, write_findings
+
+    series = pick_series(files)
+    model = load_model()
+    labelled = segment(series, model)
+    m = measure(labelled.labels, series)
+    write_findings(out, {"lordosis": {"series": series.description, **{a.span: a.degrees for a in m.angles},
+                                      "category": next((a.category for a in m.angles if a.category), None),
+                                      "problems": labelled.problems + m.problems}})
+    if not m.angles:
+        return []
+    return write_results(out, series.datasets, model.algorithm, options, angles=m.angles)
+
+
+register(Pipeline("lordosis", run, device="gpu", version="1.0"))

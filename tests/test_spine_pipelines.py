@@ -1,0 +1,140 @@
+"""spine-seg and lordosis: the measurement and the level naming on exact inputs, the shipped model
+through `dicomnode process`, and a study from a real Orthanc through `dicomnode serve` and back.
+Accuracy targets are measured by `dicomnode evaluate` (docs/evaluation/), not asserted here."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+
+from pipelines.lordosis import measure
+from pipelines.series import NoUsableSeries, Series, pick_series
+from pipelines.spine_seg import MODEL_DIR, name_levels
+from tests.conftest import dciodvfy_errors
+from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_env, free_port, wait_for
+from training.datasets.spine_seg import phantom_classes
+from training.evaluation.metrics import dice
+from training.phantom.anatomy import LABEL_VALUES
+from training.phantom.generator import PhantomOptions, generate_study
+
+NAMED = ["L1", "L2", "L3", "L4", "L5", "S1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1", "canal"]
+
+
+@pytest.fixture(scope="module")
+def lumbar_studies(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    root = tmp_path_factory.mktemp("lumbar")
+    out = []
+    for seed in range(300, 308):
+        generate_study(root / str(seed), seed, PhantomOptions(contrasts=("T2",), max_matrix=320), write_tissue=False)
+        out.append(root / str(seed))
+    return out
+
+
+def series_and_truth(study: Path) -> tuple[Series, np.ndarray, dict]:
+    series = pick_series(sorted((study / "dicom" / "series_1").glob("*.dcm")))
+    labels = np.load(study / "truth" / "series_1.npz")["labels"][[int(d.InstanceNumber) - 1 for d in series.datasets]]
+    return series, labels, json.loads((study / "truth" / "truth.json").read_text())
+
+
+def test_lordosis_from_the_truth_masks_matches_the_truth_angles(lumbar_studies: list[Path]) -> None:
+    """The endplate line fit, given exact masks, recovers the phantom's angles: the measurement
+    method itself is right (so model error is what the evaluation measures)."""
+    errors = []
+    for study in lumbar_studies:
+        series, labels, truth = series_and_truth(study)
+        m = measure(labels, series)
+        assert m.problems == []
+        for a in m.angles:
+            errors.append(abs(a.degrees - truth["lordosis_deg"][a.span]))
+            if a.span == "L1-S1":
+                assert a.category == ("normal_lordosis" if truth["lordosis_class"] == "normal" else truth["lordosis_class"])
+    assert len(errors) == 2 * len(lumbar_studies) and max(errors) < 2.0 and np.mean(errors) < 1.0
+
+
+def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> None:
+    for study in lumbar_studies[:4]:
+        series, labels, _ = series_and_truth(study)
+        named = name_levels(phantom_classes(labels), series)
+        assert named.problems == []
+        for n in NAMED:
+            assert dice(named.labels == LABEL_VALUES[n], labels == LABEL_VALUES[n]) > 0.99, n
+    # without S1 nothing is named: no guessing from positions in the image
+    classes = phantom_classes(labels)
+    classes[classes == 2] = 0
+    named = name_levels(classes, series)
+    assert named.names() == ["canal"] and "S1 is not in the field of view" in named.problems[0]
+    # with L1 cut off the top, L2-L5 keep their names and the lordosis says what is missing
+    classes = phantom_classes(labels)
+    classes[np.isin(labels, [LABEL_VALUES["L1"], LABEL_VALUES["T12"], LABEL_VALUES["T12/L1"]])] = 0
+    named = name_levels(classes, series)
+    assert "L1" not in named.names() and {"L2", "L5", "S1", "L4/L5"} <= set(named.names())
+    assert any("only 4 lumbar vertebral bodies" in p for p in named.problems)
+    m = measure(named.labels, series)
+    assert m.angles == [] and all("L1 not found" in p for p in m.problems)
+
+
+def test_a_folder_without_a_sagittal_mr_series_is_refused_clearly(tmp_path: Path) -> None:
+    generate_study(tmp_path, 9, PhantomOptions(contrasts=("T2",), axial=True, max_matrix=192))
+    with pytest.raises(NoUsableSeries, match="no sagittal MR series"):
+        pick_series(sorted((tmp_path / "dicom" / "series_2").glob("*.dcm")))
+
+
+def test_the_shipped_model_folder_describes_itself() -> None:
+    d = json.loads((MODEL_DIR / "model.json").read_text())
+    assert d["name"] == "spine-seg" and d["classes"] == ["background", "vertebral_body", "S1", "disc", "canal"]
+    assert {"version", "network", "normalisation", "grid_mm", "training", "commit", "metrics"} <= set(d)
+    assert d["metrics"]["phantom"]["dice"] and d["metrics"]["real"]["dice"]
+    assert (MODEL_DIR / "model.pt").stat().st_size < 10e6
+
+
+def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    study = lumbar_studies[5]
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([*dicomnode_cmd(), "process", str(study / "dicom"), str(tmp_path), "--config",
+                        str(root / "conf" / "node.yaml")], capture_output=True, text=True, env=dicomnode_env(), timeout=600)
+    assert r.returncode == 0, r.stderr
+    [result] = json.loads((tmp_path / "results.json").read_text())["studies"]
+    kinds = sorted((o["pipeline"], o["modality"]) for o in result["outputs"])
+    assert kinds == [("lordosis", "SR"), ("spine-seg", "SEG")]
+    for o in result["outputs"]:
+        assert dciodvfy_errors(tmp_path / o["path"]) == []
+    truth = json.loads((study / "truth" / "truth.json").read_text())
+    measured = result["findings"]["lordosis"]
+    assert abs(measured["L1-S1"] - truth["lordosis_deg"]["L1-S1"]) < 10  # sanity; accuracy is in the evaluation
+    assert set(result["findings"]["spine-seg"]["structures"]) >= {"L1", "L5", "S1", "L4/L5", "canal"}
+
+
+def test_orthanc_study_comes_back_as_seg_and_sr(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    node_port = free_port()
+    orthanc = Orthanc(tmp_path, {"node": ["DICOMNODE", "127.0.0.1", node_port]}).start()
+    try:
+        cfg = {"node": {"port": node_port}, "accept": {"calling_ae_titles": ["ORTHANC"]},
+               "assembly": {"series_quiet_seconds": 0.5, "study_quiet_seconds": 1.0},
+               "destinations": {"orthanc": {"ae_title": "ORTHANC", "host": "127.0.0.1", "port": orthanc.dicom_port}},
+               "rules": [{"name": "lumbar-sagittal", "scope": "study", "match": {"Modality": "MR", "orientation": "sagittal"},
+                          "pipelines": ["spine-seg", "lordosis"], "send_to": ["sender"]}]}
+        node = NodeProcess(tmp_path / "node", cfg).start()
+        try:
+            study = lumbar_studies[6]
+            ids = {orthanc.post("/instances", p.read_bytes())["ParentStudy"] for p in sorted(study.rglob("*.dcm"))}
+            orthanc.post("/modalities/node/store", {"Resources": list(ids), "Synchronous": True})
+            found = wait_for(lambda: {s["MainDicomTags"].get("Modality") for s in orthanc.get("/series?expand")} >= {"SEG", "SR"},
+                             300, what="SEG and SR back in Orthanc")
+            assert found
+            for s in orthanc.get("/series?expand"):
+                if s["MainDicomTags"].get("Modality") in ("SEG", "SR"):
+                    [inst] = s["Instances"]
+                    path = tmp_path / f"{s['MainDicomTags']['Modality']}.dcm"
+                    path.write_bytes(orthanc.get_bytes(f"/instances/{inst}/file"))
+                    assert dciodvfy_errors(path) == []
+                    assert pydicom.dcmread(path).StudyInstanceUID == json.loads(
+                        (study / "truth" / "truth.json").read_text())["study_instance_uid"]
+        finally:
+            node.stop()
+    finally:
+        orthanc.stop()

@@ -1,0 +1,200 @@
+"""`dicomnode evaluate spine-seg`: the model on studies it did not train on, through the same code
+the node runs (DICOM series in, named labels and angles out).
+
+- Phantom: seeds never used in training (default 5000-5029, contrasts T2/T1/STIR in turn):
+  Dice and IoU per structure and level, level naming per study, L1-S1 and L1-L5 angle error
+  (Bland-Altman), hypo/normal/hyper confusion matrix.
+- Real: the held-out fold of `../shared/data/real_lumbar` (the shipped model never saw it):
+  Dice/IoU per level where the case names its levels (VB3 bodies L1-L5, IVD discs), class Dice
+  over labelled voxels only (VB1 names no levels), level naming per VB3 study, and the L1-L5 angle
+  from our segmentation against the same measurement on the manual masks.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from pipelines.lordosis import category, measure
+from pipelines.series import Series, pick_series
+from pipelines.spine_seg import Model, segment
+from training.evaluation.metrics import bars, bland_altman, confusion, dice, iou
+from training.phantom.anatomy import LABEL_VALUES
+
+BODIES = ["L1", "L2", "L3", "L4", "L5", "S1"]
+DISCS = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
+CLASSES = ["hypolordosis", "normal_lordosis", "hyperlordosis"]
+
+
+@dataclass
+class StudyResult:
+    name: str
+    dice: dict[str, float] = field(default_factory=dict)
+    iou: dict[str, float] = field(default_factory=dict)
+    named_ok: bool | None = None
+    angles: dict[str, float] = field(default_factory=dict)
+    reference_angles: dict[str, float] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+def _load(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
+    """The series and its truth labels (and `known` mask for partial labels) in the series' slice order."""
+    series = pick_series(sorted((folder / "dicom" / "series_1").glob("*.dcm")))
+    z = np.load(folder / "truth" / "series_1.npz")
+    order = [int(d.InstanceNumber) - 1 for d in series.datasets]
+    return series, z["labels"][order], z["known"][order] if "known" in z else None
+
+
+def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyResult:
+    series, truth, known = _load(folder)
+    pred = segment(series, model)
+    r = StudyResult(folder.name, problems=pred.problems)
+    for name in structures:
+        t = truth == LABEL_VALUES[name]
+        if t.any():
+            r.dice[name] = dice(pred.labels == LABEL_VALUES[name], t)
+            r.iou[name] = iou(pred.labels == LABEL_VALUES[name], t)
+    lumbar = [n for n in ("L1", "L2", "L3", "L4", "L5") if n in r.dice]
+    if len(lumbar) == 5:
+        r.named_ok = all(r.dice[n] > 0.5 for n in lumbar)
+    r.angles = {a.span: a.degrees for a in measure(pred.labels, series).angles}
+    r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
+    if known is not None:  # class-level agreement over labelled voxels (levels unnamed in VB1)
+        body_truth = np.isin(truth, [LABEL_VALUES[n] for n in ("L1", "L2", "L3", "L4", "L5")]) | (truth >= 100)
+        disc_truth = np.isin(truth, [LABEL_VALUES[n] for n in DISCS])
+        where = known & (truth != truth.max()) if "VB1" in folder.name else known
+        if body_truth.any():
+            r.dice["vertebral body (class)"] = dice(pred.classes == 1, body_truth, where)
+        if disc_truth.any():
+            r.dice["disc (class)"] = dice(pred.classes == 3, disc_truth, where)
+    return r
+
+
+def _mean(results: list[StudyResult], key: str, attr: str = "dice") -> float:
+    vals = [getattr(r, attr)[key] for r in results if key in getattr(r, attr)]
+    return float(np.nanmean(vals)) if vals else float("nan")
+
+
+def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0) -> dict:
+    from training.datasets.real_lumbar import case_to_dicom, load_cases, split
+    from training.phantom.generator import PhantomOptions, generate_study
+
+    model = Model(model_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    trained_on = set(model.description["training"].get("real_case_ids", []))
+    trained_seeds = set(model.description["training"].get("phantom_seeds", []))
+    if trained_seeds & set(phantom_seeds):
+        raise ValueError(f"phantom seeds {sorted(trained_seeds & set(phantom_seeds))[:5]}... were used in training")
+    phantom, real = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, seed in enumerate(tqdm(phantom_seeds, desc="phantom held out", unit="study")):
+            folder = Path(tmp) / f"phantom-{seed}"
+            contrast = ("T2", "T1", "STIR")[i % 3]
+            generate_study(folder, seed, PhantomOptions(contrasts=(contrast,), max_matrix=512), write_tissue=False)
+            r = evaluate_study(folder, model, BODIES + DISCS + ["canal"])
+            truth = json.loads((folder / "truth" / "truth.json").read_text())
+            r.reference_angles = truth["lordosis_deg"]
+            r.name = f"phantom {seed} {contrast}"
+            phantom.append(r)
+        cases = {c.case_id: c for c in load_cases()}
+        held = split(sorted(cases), fold)[1]
+        leaked = trained_on & set(held)
+        if leaked:
+            raise ValueError(f"real cases {sorted(leaked)} were used in training; evaluate another fold")
+        for cid in tqdm(held, desc="real held out", unit="case"):
+            folder = Path(tmp) / cid
+            case_to_dicom(cases[cid], folder)
+            real.append(evaluate_study(folder, model, BODIES + DISCS))
+    metrics = report(model, phantom, real, out, phantom_seeds, held)
+    record_metrics(model_dir, metrics, phantom_seeds, held)
+    return metrics
+
+
+def record_metrics(model_dir: Path, metrics: dict, seeds: list[int], held: list[str]) -> None:
+    """The held-out figures go into the model folder's description, beside what it was trained on."""
+    path = Path(model_dir) / "model.json"
+    description = json.loads(path.read_text())
+    description["metrics"] = {"held_out": {"phantom_seeds": [min(seeds), max(seeds)], "real_cases": held}, **metrics}
+    path.write_text(json.dumps(description, indent=1))
+
+
+def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
+           held: list[str]) -> dict:
+    structures = BODIES + DISCS + ["canal"]
+    ph_dice = {s: _mean(phantom, s) for s in structures}
+    ph_iou = {s: _mean(phantom, s, "iou") for s in structures}
+    real_levels = [s for s in BODIES + DISCS if any(s in r.dice for r in real)]
+    re_dice = {s: _mean(real, s) for s in real_levels + ["vertebral body (class)", "disc (class)"]}
+    re_iou = {s: _mean(real, s, "iou") for s in real_levels}
+    bars(ph_dice, out / "phantom_dice.png", "Phantom held out: Dice per structure", 0.95)
+    bars({k: v for k, v in re_dice.items() if not np.isnan(v)}, out / "real_dice.png", "Real held out: Dice", 0.90)
+    metrics: dict = {"phantom": {"studies": len(phantom), "dice": ph_dice, "iou": ph_iou}, "real": {"cases": len(real), "dice": re_dice, "iou": re_iou}}
+    named = [r.named_ok for r in phantom if r.named_ok is not None]
+    metrics["phantom"]["level_naming_accuracy"] = float(np.mean(named)) if named else None
+    named_real = [r.named_ok for r in real if r.named_ok is not None]
+    metrics["real"]["level_naming_accuracy"] = float(np.mean(named_real)) if named_real else None
+    metrics["real"]["level_naming_studies"] = len(named_real)
+    for span in ("L1-S1", "L1-L5"):
+        pairs = [(r.angles[span], r.reference_angles[span]) for r in phantom if span in r.angles]
+        if len(pairs) > 1:
+            metrics["phantom"][f"angle_{span}"] = bland_altman(*zip(*pairs), out / f"phantom_bland_altman_{span}.png",
+                                                               f"Phantom {span}: ours vs truth")
+        metrics["phantom"][f"angle_{span}_measured_in"] = f"{len(pairs)}/{len(phantom)}"
+    pairs = [(r.angles["L1-L5"], r.reference_angles["L1-L5"]) for r in real
+             if "L1-L5" in r.angles and "L1-L5" in r.reference_angles]
+    if len(pairs) > 1:
+        metrics["real"]["angle_L1-L5"] = bland_altman(*zip(*pairs), out / "real_bland_altman_L1-L5.png",
+                                                      "Real L1-L5: our segmentation vs manual masks")
+    metrics["real"]["angle_L1-L5_measured_in"] = f"{len(pairs)}/{sum('L1-L5' in r.reference_angles for r in real)}"
+    cls = [(category(r.reference_angles["L1-S1"]), r.angles.get("L1-S1")) for r in phantom]
+    cls_pred = [category(p) if p is not None else "normal_lordosis" for _, p in cls]
+    m = confusion([t for t, _ in cls], cls_pred, CLASSES, out / "phantom_lordosis_confusion.png",
+                  "Phantom lordosis class (L1-S1; unmeasured counted as normal)")
+    metrics["phantom"]["lordosis_class_accuracy"] = float(np.trace(m) / m.sum())
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    _markdown(model, metrics, phantom, real, out, seeds, held)
+    return metrics
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
+
+
+def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
+              held: list[str]) -> None:
+    d = model.description
+    lines = [f"# spine-seg {d['version']}: evaluation on data it did not train on", "",
+             f"Model: commit `{d['commit'][:10]}`, trained on {d['training']['phantom_slices']} phantom slices "
+             f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
+             f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
+             f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn). "
+             f"Real held out: {len(held)} cases ({', '.join(held)}).", "",
+             "| structure | phantom Dice | phantom IoU | real Dice | real IoU |", "|---|---|---|---|---|"]
+    for s in BODIES + DISCS + ["canal"]:
+        lines.append(f"| {s} | {_fmt(m['phantom']['dice'].get(s))} | {_fmt(m['phantom']['iou'].get(s))} | "
+                     f"{_fmt(m['real']['dice'].get(s))} | {_fmt(m['real']['iou'].get(s))} |")
+    for s in ("vertebral body (class)", "disc (class)"):
+        lines.append(f"| {s}, labelled voxels only | | | {_fmt(m['real']['dice'].get(s))} | |")
+    lines += ["", f"- Level naming (all five lumbar bodies right): phantom {_fmt(m['phantom']['level_naming_accuracy'])}, "
+              f"real {_fmt(m['real']['level_naming_accuracy'])} over {m['real']['level_naming_studies']} studies that name L1-L5.",
+              f"- Lordosis class accuracy (phantom, L1-S1): {_fmt(m['phantom']['lordosis_class_accuracy'])}."]
+    for key, where in (("angle_L1-S1", "phantom"), ("angle_L1-L5", "phantom"), ("angle_L1-L5", "real")):
+        a = m[where].get(key)
+        if a:
+            lines.append(f"- {where} {key[6:]} angle: MAE {a['mae']:.2f} deg, max {a['max_abs']:.2f}, bias {a['bias']:+.2f}, "
+                         f"limits ±{a['loa']:.2f} (n={a['n']}; measured in {m[where][key + '_measured_in']}).")
+    lines += ["", "![phantom Dice](phantom_dice.png) ![real Dice](real_dice.png)", "",
+              "![Bland-Altman](phantom_bland_altman_L1-S1.png) ![Bland-Altman](real_bland_altman_L1-L5.png) "
+              "![confusion](phantom_lordosis_confusion.png)", "", "## Per study", "",
+              "| study | naming | L1-S1 ours / ref | L1-L5 ours / ref | problems |", "|---|---|---|---|---|"]
+    for r in phantom + real:
+        ang = " | ".join(f"{r.angles.get(s, float('nan')):.1f} / {r.reference_angles.get(s, float('nan')):.1f}"
+                         for s in ("L1-S1", "L1-L5"))
+        lines.append(f"| {r.name} | {'ok' if r.named_ok else '-' if r.named_ok is None else 'WRONG'} | {ang} | "
+                     f"{'; '.join(r.problems)} |")
+    (out / "report.md").write_text("\n".join(lines) + "\n")
