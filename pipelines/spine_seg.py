@@ -25,6 +25,7 @@ from structured_reports.writer import write_results
 from training.phantom.anatomy import LABEL_VALUES
 
 MODEL_DIR = Path(__file__).resolve().parent / "models" / "spine-seg"
+GRADCAM_LAYER = "model.1.submodule.2"  # the decoder block at half resolution
 BODY, S1, DISC, CANAL = 1, 2, 3, 4
 LUMBAR = ["L5", "L4", "L3", "L2", "L1"]  # counted up from S1
 MIN_BODY_MM3, MIN_S1_MM3, MIN_DISC_MM3 = 1500.0, 1500.0, 250.0
@@ -70,6 +71,24 @@ class Model:
         zoom = (1, 1, rows / probs.shape[2], cols / probs.shape[3])
         back = ndimage.zoom(probs, zoom, order=1, grid_mode=True, mode="nearest")
         return back[:, :, :rows, :cols]
+
+
+    def explain(self, series: Series, k: int, class_index: int, region: np.ndarray) -> np.ndarray:
+        """Grad-CAM on slice k of the summed `class_index` logit inside `region` (a mask on the
+        series grid), back on the series grid, in [0, 1]."""
+        import torch
+
+        from pipelines.explain import grad_cam, segmentation_decision
+        from training.datasets.spine_seg import GRID_MM, normalise, to_grid
+        from training.trainers.common import pad_to
+
+        image, (r, c) = pad_to(to_grid(normalise(series.volume)[k], series.spacing, order=1, grid=GRID_MM))
+        where, _ = pad_to(to_grid(region.astype(np.uint8), series.spacing, order=0, grid=GRID_MM))
+        x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.device)
+        cam = grad_cam(self.net, GRADCAM_LAYER, x, segmentation_decision(class_index, where))[:r, :c]
+        rows, cols = series.volume.shape[1:]
+        back = ndimage.zoom(cam, (rows / r, cols / c), order=1, grid_mode=True, mode="nearest")[:rows, :cols]
+        return np.clip(back, 0, 1).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=2)

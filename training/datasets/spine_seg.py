@@ -19,6 +19,8 @@ from training.phantom.anatomy import LABEL_VALUES
 
 CLASSES = ("background", "vertebral_body", "S1", "disc", "canal")
 IGNORE = 255
+# Partial knowledge: the class is unknown but it is certainly not this one (254 - class index).
+NOT_BODY, NOT_DISC = 254 - 1, 254 - 3
 GRID_MM = 1.0
 
 _PHANTOM_LUT = np.zeros(256, dtype=np.uint8)
@@ -36,16 +38,34 @@ def phantom_classes(labels: np.ndarray) -> np.ndarray:
 
 
 def real_classes(case: RealCase) -> np.ndarray:
-    """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere.
+    """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere,
+    and between two labelled neighbours (the disc between two bodies, the body between two discs)
+    NOT_BODY or NOT_DISC: what lies there is unlabelled, but certainly not the labelled kind.
 
     VB1 does not say which bodies it labels; its lowest may be S1, so that one is IGNORE too."""
     cls = np.full(case.labels.shape, IGNORE, dtype=np.uint8)
     cls[case.known()] = 0
     kind = 1 if case.kind == "vertebral_body" else 3
+    between = _between_neighbours(case.labels)
+    cls[between & (cls == IGNORE)] = NOT_BODY if kind == 1 else NOT_DISC
     cls[case.labels > 0] = kind
     if case.dataset == "VB1":
         cls[case.labels == case.labels.max()] = IGNORE
     return cls
+
+
+def _between_neighbours(labels: np.ndarray) -> np.ndarray:
+    """Per sagittal slice and image column, the rows strictly between structure k and k+1
+    (labels are ordered superior to inferior), where both are present in that column."""
+    out = np.zeros(labels.shape, dtype=bool)
+    rows = np.arange(labels.shape[0])[:, None, None]
+    for k in range(1, int(labels.max())):
+        upper, lower = labels == k, labels == k + 1
+        has = upper.any(axis=0) & lower.any(axis=0)
+        bottom = np.where(upper, rows, -1).max(axis=0)  # last row of k per (AP, LR) column
+        top = np.where(lower, rows, labels.shape[0]).min(axis=0)  # first row of k+1
+        out |= has[None] & (rows > bottom[None]) & (rows < top[None])
+    return out
 
 
 def normalise(volume: np.ndarray) -> np.ndarray:

@@ -91,11 +91,13 @@ def truth_results(study: Path, series_number: int = 1) -> TruthResults:
 
 
 def render_docs(docs: Path, seed: int = 5) -> list[Path]:
-    """Build SEG and SR of one phantom study from its truth, read them back and render the PNGs
-    in docs/images (SEG outlines with the endplate lines, and a Grad-CAM overlay whose map is a
-    stand-in drawn around the truth's L4/L5 disc box, not a model's: the builder is shown here)."""
+    """Build SEG and SR of one phantom study from its truth, read them back and render the PNGs in
+    docs/images: SEG outlines with the endplate lines, and the Grad-CAM of the shipped spine-seg
+    model for the disc class inside the L4/L5 disc, as the Parametric Map carries it."""
     import tempfile
 
+    from pipelines.series import pick_series
+    from pipelines.spine_seg import DISC, load_model
     from structured_reports.explain import build_gradcam_map
     from structured_reports.model import Algorithm
     from structured_reports.reader import read_seg, read_sr
@@ -116,14 +118,14 @@ def render_docs(docs: Path, seed: int = 5) -> list[Path]:
         images = docs / "images"
         out = [render_slice(t.sources, k, segments, report.angles, images / "result_seg_lordosis.png",
                             "SEG outlines and lordosis endplate lines, read back from our SEG and SR")]
-        box = next(f.region for f in report.findings if f.kind == "disc_herniation" and f.level == "L4/L5" and f.region)
-        src = t.sources[k]
-        (x0, y0), (x1, y1) = box.points[0], box.points[2]
-        rows, cols = np.mgrid[0:src.Rows, 0:src.Columns]
-        heat = np.exp(-(((cols - (x0 + x1) / 2) / max(x1 - x0, 4)) ** 2 + ((rows - (y0 + y1) / 2) / max(y1 - y0, 4)) ** 2))
-        pm = build_gradcam_map(src, heat.astype(np.float32), algo, "disc herniation L4/L5")
-        out.append(render_gradcam(src, pm.pixel_array[0] if pm.pixel_array.ndim == 3 else pm.pixel_array,
-                                  images / "result_gradcam.png", "Parametric Map (stand-in map around the L4/L5 disc)"))
+        series = pick_series(sorted((study / "dicom" / "series_1").glob("*.dcm")))
+        ks = [str(d.SOPInstanceUID) for d in series.datasets].index(str(t.sources[k].SOPInstanceUID))
+        order = [int(d.InstanceNumber) - 1 for d in series.datasets]
+        model = load_model()
+        heat = model.explain(series, ks, DISC, t.labels[order][ks] == LABEL_VALUES["L4/L5"])
+        pm = build_gradcam_map(series.datasets[ks], heat, model.algorithm, "disc class inside the L4/L5 disc")
+        out.append(render_gradcam(series.datasets[ks], pm.pixel_array.reshape(heat.shape), images / "result_gradcam.png",
+                                  "Grad-CAM of spine-seg: disc class at L4/L5 (Parametric Map)"))
     return out
 
 

@@ -33,18 +33,28 @@ def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
 
 
 def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
-    """Cross-entropy plus soft Dice over the pixels whose class is known (target != ignore):
-    what a partially labelled case does not label teaches nothing, not background."""
-    known = target != ignore
-    ce = torch.nn.functional.cross_entropy(logits, target.long(), ignore_index=ignore)
-    prob = torch.softmax(logits, dim=1) * known[:, None]
-    onehot = torch.nn.functional.one_hot(torch.where(known, target, 0).long(), logits.shape[1]).permute(0, 3, 1, 2)
+    """Cross-entropy plus soft Dice over the pixels whose class is known (target < number of
+    classes); `ignore` teaches nothing; values between the classes and `ignore` say "not class
+    254 - value" and add -log(1 - p) of that class. What a partially labelled case does not label
+    is never taught as background."""
+    n = logits.shape[1]
+    known = target < n
+    ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore)
+    prob = torch.softmax(logits, dim=1)
+    negative = (target >= 254 - n + 1) & (target < ignore)
+    loss = ce
+    if negative.any():
+        excluded = (254 - target[negative]).long()
+        p_excluded = prob.permute(0, 2, 3, 1)[negative].gather(1, excluded[:, None])[:, 0]
+        loss = loss + (-torch.log1p(-p_excluded.clamp(max=1 - 1e-6))).mean()
+    probk = prob * known[:, None]
+    onehot = torch.nn.functional.one_hot(torch.where(known, target, 0).long(), n).permute(0, 3, 1, 2)
     onehot = onehot * known[:, None]
-    inter = (prob * onehot).sum(dim=(0, 2, 3))
-    denom = prob.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
+    inter = (probk * onehot).sum(dim=(0, 2, 3))
+    denom = probk.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     present = onehot.sum(dim=(0, 2, 3)) > 0
     dice = 1 - (2 * inter + 1e-5) / (denom + 1e-5)
-    return ce + (dice[present].mean() if present.any() else 0 * ce)
+    return loss + (dice[present].mean() if present.any() else 0 * ce)
 
 
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, crop: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
