@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -22,15 +23,16 @@ log = logging.getLogger("dicomnode.node")
 
 
 def gpu_count() -> int:
-    """GPUs for GPU pipelines; torch (half a GB of memory) is imported only when one is installed."""
+    """NVIDIA GPUs for GPU pipelines, from the driver's /proc entries: importing torch here would
+    cost the receiving node half a GB before any job runs. CUDA_VISIBLE_DEVICES="" means none."""
     if not any(registry.get(n).device == "gpu" for n in registry.names()):
         return 0
-    try:
-        import torch
-
-        return torch.cuda.device_count() if torch.cuda.is_available() else 0
-    except Exception:  # torch missing or broken: CPU only
-        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = Path("/proc/driver/nvidia/gpus")
+    n = len(list(gpus.iterdir())) if gpus.is_dir() else 0
+    if visible is not None:
+        n = min(n, len([v for v in visible.split(",") if v.strip()]))
+    return n
 
 
 class Node:

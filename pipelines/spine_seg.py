@@ -149,28 +149,55 @@ def voxel_mm3(series: Series) -> float:
     return series.spacing[0] * series.spacing[1] * gap
 
 
+Component = tuple[np.ndarray, np.ndarray]  # mask, centroid (patient mm)
+
+
+def _between(discs: list[Component], lower: np.ndarray, upper: np.ndarray) -> list[Component]:
+    return [d for d in discs if lower[2] < d[1][2] < upper[2]]
+
+
+def _find_s1(classes: np.ndarray, bodies: list[Component], discs: list[Component], v: float, series: Series,
+             problems: list[str]) -> Component | None:
+    """S1: the largest S1-class component with a vertebral body within reach above it; else, when
+    the network marked none, the lowest body with a disc above it and none below it (below S1
+    the sacrum is fused: there is no mobile disc)."""
+    for mask, centre in sorted(_components(classes == S1, v, MIN_S1_MM3, series), key=lambda c: -c[0].sum()):
+        if any(0 < b[1][2] - centre[2] and np.linalg.norm(b[1] - centre) <= MAX_STEP_MM for b in bodies):
+            return mask, centre
+    ordered = sorted(bodies, key=lambda b: b[1][2])
+    for i, (mask, centre) in enumerate(ordered[:-1]):
+        above = _between(discs, centre, ordered[i + 1][1])
+        below = [d for d in discs if 0 < centre[2] - d[1][2] <= MAX_STEP_MM / 2]
+        if above and not below:
+            problems.append("S1 taken as the lowest vertebra with a disc above it and none below "
+                            "(the network did not mark S1 itself)")
+            return mask, centre
+    return None
+
+
 def name_levels(classes: np.ndarray, series: Series) -> Labelled:
-    """Name bodies and discs by anatomy: S1 is the largest S1-class component; the bodies above it,
-    nearest first, are L5, L4, ... L1; a disc takes the names of the two bodies around it."""
+    """Name bodies and discs by anatomy: find S1; the bodies above it, nearest first, are L5, L4,
+    ... L1; a disc takes the names of the two bodies around it."""
     v = voxel_mm3(series)
     out = Labelled(np.zeros(classes.shape, dtype=np.uint8), classes)
     out.labels[classes == CANAL] = LABEL_VALUES["canal"]
-    s1 = _components(classes == S1, v, MIN_S1_MM3, series)
-    if not s1:
-        out.problems.append("S1 is not in the field of view (or not recognised): vertebral levels are not named")
-        return out
-    s1_mask, s1_centre = max(s1, key=lambda x: x[0].sum())
-    out.labels[s1_mask] = LABEL_VALUES["S1"]
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
     if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
         typical = float(np.median(sorted((c[0].sum() for c in candidates), reverse=True)[:5]))
         candidates = [c for c in candidates if c[0].sum() >= MIN_BODY_FRACTION * typical]
+    discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
+    s1 = _find_s1(classes, candidates, discs, v, series, out.problems)
+    if s1 is None:
+        out.problems.append("S1 is not in the field of view (or not recognised): vertebral levels are not named")
+        return out
+    s1_mask, s1_centre = s1
     # a "body" sharing a long border with S1 is S1 that the network was unsure of
     near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
-    for comp, _ in [c for c in candidates if (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]:
+    s1_parts = [c for c in candidates if c[0] is s1_mask or (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]
+    for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
         out.labels[comp] = LABEL_VALUES["S1"]
-        candidates = [c for c in candidates if c[0] is not comp]
-    bodies = sorted((b for b in candidates if b[1][2] > s1_centre[2]), key=lambda b: b[1][2])
+    bodies = sorted((b for b in candidates if all(b[0] is not p[0] for p in s1_parts) and b[1][2] > s1_centre[2]),
+                    key=lambda b: b[1][2])
     chain: list[tuple[str, np.ndarray]] = [("S1", s1_centre)]
     for name, (mask, centre) in zip(LUMBAR, bodies):
         if np.linalg.norm(centre - chain[-1][1]) > MAX_STEP_MM:
@@ -181,9 +208,8 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
         chain.append((name, centre))
     if len(chain) < 6:
         out.problems.append(f"only {len(chain) - 1} lumbar vertebral bodies found above S1 (L1 may be outside the field of view)")
-    discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
     for (lower, lc), (upper, uc) in zip(chain, chain[1:]):
-        between = [d for d in discs if lc[2] < d[1][2] < uc[2]]
+        between = _between(discs, lc, uc)
         if not between:
             out.problems.append(f"no disc found between {upper} and {lower}: check the level naming")
             continue
@@ -214,6 +240,7 @@ def segment(series: Series, model: Model | None = None) -> Labelled:
 
 def write_findings(out: Path, findings: dict) -> None:
     """What `process` and the node add to results.json beside the objects (e.g. problems found)."""
+    out.mkdir(parents=True, exist_ok=True)
     (out / "findings.json").write_text(json.dumps(findings, indent=1))
 
 

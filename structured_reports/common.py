@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import highdicom as hd
-import numpy as np
 from pydicom import Dataset
 
 import dicomnode
@@ -40,14 +39,6 @@ def new_series(kind: str) -> dict:
     """Series and instance identity of a new result object (a new run is a new series)."""
     return {"series_instance_uid": hd.UID(), "series_number": SERIES_NUMBERS[kind], "sop_instance_uid": hd.UID(),
             "instance_number": 1, "series_description": SERIES_DESCRIPTIONS[kind]}
-
-
-def slice_order(sources: Sequence[Dataset]) -> list[Dataset]:
-    """Source images sorted along their slice normal: the order masks and frames are given in."""
-    def position(ds: Dataset) -> float:
-        iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-        return float(np.dot(np.cross(iop[:3], iop[3:]), np.asarray(ds.ImagePositionPatient, dtype=float)))
-    return sorted(sources, key=position)
 
 
 def check_sources(sources: Sequence[Dataset]) -> None:

@@ -45,7 +45,8 @@ def build_gradcam_map(source: Dataset, heatmap: np.ndarray, algorithm: Algorithm
     pm = hd.pm.ParametricMap(
         source_images=[source], pixel_array=heat[np.newaxis], **new_series("gradcam"), **equipment(algorithm),
         contains_recognizable_visual_features=False, real_world_value_mappings=[mapping],
-        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)], content_label="GRADCAM", content_description=decision[:64], content_creator_name="dicomnode^AI")
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)], content_label="GRADCAM",
+        content_description=decision[:64], content_creator_name="dicomnode^AI")
     _reference(pm, source, decision)
     return pm
 
