@@ -46,18 +46,16 @@ def render_slice(sources: Sequence[Dataset], index: int, segments: Sequence[Segm
         ax.text(0.02, y_text, f"lordosis {a.span}: {a.degrees:.1f}°" + (f" ({a.category})" if a.category else ""),
                 color=colour, transform=ax.transAxes, fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "lw": 0})
         y_text += 0.06
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-    fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(fig, ax, out, title)
 
 
 def render_gradcam(source: Dataset, heatmap: np.ndarray, out: Path, title: str = "") -> Path:
     fig, ax = plt.subplots(figsize=(5, 5 * int(source.Rows) / int(source.Columns)), dpi=110)
     ax.imshow(overlay_rgb(_pixels(source), heatmap))
+    return _save(fig, ax, out, title)
+
+
+def _save(fig: plt.Figure, ax: plt.Axes, out: Path, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     ax.axis("off")
     fig.tight_layout()
