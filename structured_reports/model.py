@@ -67,7 +67,7 @@ class Angle:
     degrees: float
     sop_instance_uid: str
     lines: tuple[Line, Line]
-    category: str | None = None  # a key of codes.GRADES: hypolordosis, normal_lordosis, hyperlordosis
+    category: str | None = None  # L1-S1 only: a key of codes.GRADES (hypolordosis, normal_lordosis, hyperlordosis)
 
 
 @dataclass(frozen=True)

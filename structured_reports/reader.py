@@ -86,7 +86,9 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
                 number = int(item.ReferencedSOPSequence[0].ReferencedSegmentNumber)
                 segment = segment_names.get(number, f"segment {number}")
         if kind == "lumbar_lordosis":
-            report.angles += [Angle(a.span, a.degrees, a.sop_instance_uid, a.lines, grade) for a in angles]
+            # the lordosis category is defined on the L1-S1 angle (hypo / normal / hyper thresholds)
+            report.angles += [Angle(a.span, a.degrees, a.sop_instance_uid, a.lines, grade if a.span == "L1-S1" else None)
+                              for a in angles]
         elif kind is not None and level is not None and probability is not None:
             report.findings.append(Finding(kind, level, probability, grade, region, segment))
     return report
