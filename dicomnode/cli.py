@@ -207,6 +207,19 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ensemble(args: argparse.Namespace) -> int:
+    from training.evaluation.ensemble import search, write_ensemble
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    members = [Path(m) for m in args.members]
+    found = search(members, _seeds(args.validation_seeds), args.step)
+    for row in found["grid"]:
+        print(f"weights {row['weights']}: validation mean Dice {row['mean_dice']:.4f}")
+    out = write_ensemble(members, found, Path(args.out), args.version)
+    print(f"best weights {found['weights']} (mean Dice {found['validation_dice']:.4f}); model folder written: {out}")
+    return 0
+
+
 def _evaluate(args: argparse.Namespace) -> int:
     from pipelines.spine_seg import MODEL_DIR
     from training.evaluation.spine_seg import evaluate
@@ -289,11 +302,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--phantom-seeds", default="1000-1059", help="training phantom seeds, e.g. 1000-1059")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
-    tr.add_argument("--iterations", type=int, default=2500)
+    tr.add_argument("--iterations", type=int, default=8000)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
     tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
     tr.set_defaults(func=_train)
+
+    en = sub.add_parser("ensemble", help="combine trained model folders into a weighted-average ensemble, "
+                        "weights by grid search on validation phantom studies")
+    en.add_argument("model", choices=["spine-seg"])
+    en.add_argument("--members", nargs="+", required=True, help="trained model folders")
+    en.add_argument("--out", required=True, help="ensemble model folder to write")
+    en.add_argument("--validation-seeds", default="4000-4011", help="phantom seeds used by neither training nor evaluation")
+    en.add_argument("--step", type=float, default=0.1, help="weight grid step")
+    en.add_argument("--version", required=True, help="version of the ensemble model")
+    en.set_defaults(func=_ensemble)
 
     ev = sub.add_parser("evaluate", help="measure a model on data it did not train on; writes a report with plots")
     ev.add_argument("model", choices=["spine-seg"])

@@ -35,20 +35,35 @@ SPLIT_MM = 3.0  # erosion that separates vertebral bodies touching through miscl
 MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
 
 
+class Network:
+    """One trained U-Net of a model folder."""
+
+    def __init__(self, folder: Path, device: str):
+        from training.trainers.common import read_model_folder
+        from training.trainers.spine_seg import network
+
+        state, description = read_model_folder(folder)
+        self.net = network(tuple(description["network"]["channels"]))
+        self.net.load_state_dict(state)
+        self.net.to(device).eval()
+
+
 class Model:
-    """A trained spine-seg model folder, ready to run on CPU or GPU."""
+    """A trained spine-seg model folder, ready to run on CPU or GPU: one network, or (when its
+    model.json lists `members`) a weighted-average ensemble of member folders (seed 004), whose
+    class probabilities are averaged with the weights found on validation data."""
 
     def __init__(self, folder: Path = MODEL_DIR, device: str = "cpu"):
         import torch
 
-        from training.trainers.common import read_model_folder
-        from training.trainers.spine_seg import network
+        from training.trainers.common import read_description
 
-        state, self.description = read_model_folder(folder)
-        self.net = network(tuple(self.description["network"]["channels"]))
-        self.net.load_state_dict(state)
+        folder = Path(folder)
+        self.description = read_description(folder)
         self.device = torch.device(device)
-        self.net.to(self.device).eval()
+        members = self.description.get("members") or [{"folder": ".", "weight": 1.0}]
+        self.members = [(Network(folder / m["folder"], device), float(m["weight"])) for m in members]
+        self.net = max(self.members, key=lambda m: m[1])[0].net  # Grad-CAM explains the heaviest member
         self.algorithm = Algorithm(f"dicomnode {self.description['name']}", self.description["version"])
 
     def probabilities(self, series: Series, batch: int = 8) -> np.ndarray:
@@ -65,13 +80,13 @@ class Model:
         with torch.inference_mode():
             for i in range(0, len(padded), batch):
                 x = torch.from_numpy(np.ascontiguousarray(padded[i:i + batch]))[:, None].to(self.device)
-                out.append(torch.softmax(self.net(x), dim=1)[:, :, :r, :c].float().cpu().numpy())
+                p = sum(w * torch.softmax(m.net(x), dim=1) for m, w in self.members)
+                out.append(p[:, :, :r, :c].float().cpu().numpy())
         probs = np.concatenate(out).transpose(1, 0, 2, 3)  # class, slice, row, col on the 1 mm grid
         rows, cols = series.volume.shape[1:]
         zoom = (1, 1, rows / probs.shape[2], cols / probs.shape[3])
         back = ndimage.zoom(probs, zoom, order=1, grid_mode=True, mode="nearest")
         return back[:, :, :rows, :cols]
-
 
     def explain(self, series: Series, k: int, class_index: int, region: np.ndarray) -> np.ndarray:
         """Grad-CAM on slice k of the summed `class_index` logit inside `region` (a mask on the

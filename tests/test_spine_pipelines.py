@@ -14,11 +14,13 @@ import pytest
 
 from pipelines.lordosis import measure
 from pipelines.series import NoUsableSeries, Series, pick_series
-from pipelines.spine_seg import MODEL_DIR, name_levels
+from pipelines.spine_seg import MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_env, free_port, wait_for
 from training.datasets.spine_seg import phantom_classes
+from training.evaluation.ensemble import weight_grid, write_ensemble
 from training.evaluation.metrics import dice
+from training.evaluation.spine_seg import evaluate
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 
@@ -138,3 +140,31 @@ def test_orthanc_study_comes_back_as_seg_and_sr(lumbar_studies: list[Path], tmp_
             node.stop()
     finally:
         orthanc.stop()
+
+
+def single_network_folder() -> Path:
+    """The shipped model folder, or its first member when it is an ensemble."""
+    d = json.loads((MODEL_DIR / "model.json").read_text())
+    return MODEL_DIR / d["members"][0]["folder"] if d.get("members") else MODEL_DIR
+
+
+def test_weight_grid_covers_the_simplex() -> None:
+    assert weight_grid(2, 0.5) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
+    grid = weight_grid(3, 0.1)
+    assert len(grid) == 66 and all(abs(sum(w) - 1) < 1e-9 for w in grid)
+
+
+def test_an_ensemble_folder_averages_its_members(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    """Two copies of one network with weights 0.3/0.7 give that network's probabilities; the folder
+    says what it was validated on, and evaluation refuses those validation seeds as test data."""
+    member = single_network_folder()
+    found = {"weights": [0.3, 0.7], "validation_dice": 0.9, "validation_phantom_seeds": [4000, 4001], "grid": []}
+    folder = write_ensemble([member, member], found, tmp_path / "ensemble", "test")
+    series, _, _ = series_and_truth(lumbar_studies[0])
+    ensemble, single = Model(folder), Model(member)
+    assert [w for _, w in ensemble.members] == [0.3, 0.7]
+    assert np.allclose(ensemble.probabilities(series), single.probabilities(series), atol=1e-5)
+    with pytest.raises(ValueError, match="itself an ensemble"):
+        write_ensemble([folder], found, tmp_path / "nested", "test")
+    with pytest.raises(ValueError, match="used in training or validation"):
+        evaluate(folder, tmp_path / "report", [4001])

@@ -43,7 +43,7 @@ class StudyResult:
     problems: list[str] = field(default_factory=list)
 
 
-def _load(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
+def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
     """The series and its truth labels (and `known` mask for partial labels) in the series' slice order."""
     series = pick_series(sorted((folder / "dicom" / "series_1").glob("*.dcm")))
     z = np.load(folder / "truth" / "series_1.npz")
@@ -52,7 +52,7 @@ def _load(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
 
 
 def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyResult:
-    series, truth, known = _load(folder)
+    series, truth, known = load_study(folder)
     pred = segment(series, model)
     r = StudyResult(folder.name, problems=pred.problems)
     for name in structures:
@@ -106,8 +106,9 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0
     out.mkdir(parents=True, exist_ok=True)
     trained_on = set(model.description["training"].get("real_case_ids", []))
     trained_seeds = set(model.description["training"].get("phantom_seeds", []))
+    trained_seeds |= set(model.description["training"].get("validation_phantom_seeds", []))
     if trained_seeds & set(phantom_seeds):
-        raise ValueError(f"phantom seeds {sorted(trained_seeds & set(phantom_seeds))[:5]}... were used in training")
+        raise ValueError(f"phantom seeds {sorted(trained_seeds & set(phantom_seeds))[:5]}... were used in training or validation")
     phantom, real = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, seed in enumerate(tqdm(phantom_seeds, desc="phantom held out", unit="study")):
@@ -184,6 +185,15 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
+def _ensemble_line(d: dict) -> list[str]:
+    if not d.get("members"):
+        return []
+    members = ", ".join(f"{m['folder']} (weight {m['weight']:.1f})" for m in d["members"])
+    val = d["training"]["validation_phantom_seeds"]
+    return [f"Weighted-average ensemble of {members}; weights by grid search on validation phantom seeds "
+            f"{min(val)}-{max(val)} (mean Dice {d['training']['weight_search']['validation_dice']:.3f})."]
+
+
 def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
               held: list[str]) -> None:
     d = model.description
@@ -191,6 +201,7 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
              f"Model: commit `{d['commit'][:10]}`, trained on {d['training']['phantom_slices']} phantom slices "
              f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
              f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
+             *_ensemble_line(d),
              f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn). "
              f"Real held out: {len(held)} cases ({', '.join(held)}).", "",
              "| structure | phantom Dice | phantom IoU | real Dice | real IoU |", "|---|---|---|---|---|"]

@@ -97,10 +97,14 @@ def write_model_folder(folder: Path, state: dict[str, torch.Tensor], description
     (folder / "model.json").write_text(json.dumps(description, indent=1))
 
 
-def read_model_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def read_description(folder: Path) -> dict[str, Any]:
     folder = Path(folder)
     if not (folder / "model.json").exists():
         raise FileNotFoundError(f"{folder} is not a model folder (no model.json); rebuild it with `dicomnode train`")
-    description = json.loads((folder / "model.json").read_text())
-    state = torch.load(folder / "model.pt", map_location="cpu", weights_only=True)
+    return json.loads((folder / "model.json").read_text())
+
+
+def read_model_folder(folder: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    description = read_description(folder)
+    state = torch.load(Path(folder) / "model.pt", map_location="cpu", weights_only=True)
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, description

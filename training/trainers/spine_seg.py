@@ -19,7 +19,7 @@ from training.trainers.common import augment, git_commit, masked_ce_dice, seed_e
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.0"
+VERSION = "1.1"
 
 
 @dataclass
@@ -27,11 +27,11 @@ class SpineSegConfig:
     phantom_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1060)))
     real_cases: list[str] | None = None  # None: every real case
     real_dir: str = str(DEFAULT_DIR)
-    iterations: int = 2500
+    iterations: int = 8000
     batch: int = 8
     crop: int = 192
     lr: float = 2e-3
-    real_fraction: float = 0.4  # share of each batch drawn from real slices
+    real_fraction: float = 0.5  # share of each batch drawn from real slices
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     seed: int = 0
     workers: int = 2

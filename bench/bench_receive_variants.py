@@ -1,0 +1,97 @@
+"""Why eight associations at once receive no faster than one: the node under variations, same run.
+
+Each variation changes one thing in a `dicomnode serve` process (by a wrapper, not in the product)
+and measures 400 instances of 512x512 16-bit MR sent by DCMTK storescu, one association and eight:
+
+- baseline: the node as shipped;
+- two processes on one port (SO_REUSEPORT): if the interpreter lock were the limit, this doubles;
+- no fsync: if durability were the limit, this rises;
+- 16 KiB PDUs: what a small maximum PDU costs (the node offers an unlimited one).
+
+Also the node's CPU use and the machine's idle share during each run. Run:
+`.venv/bin/python bench/bench_receive_variants.py [--n 400]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.bench_receive import make_instances, send  # noqa: E402
+from tests.node_helpers import dicomnode_env, free_port, wait_port  # noqa: E402
+
+WRAPPER = """
+import os, sys
+from pynetdicom.transport import ThreadedAssociationServer
+ThreadedAssociationServer.allow_reuse_port = True
+if os.environ.get("BENCH_NO_FSYNC"):
+    os.fsync = lambda fd: None
+from dicomnode.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+VARIANTS = {  # name: (processes, extra environment, node section overrides)
+    "baseline (as shipped)": (1, {}, {}),
+    "two processes, one port (SO_REUSEPORT)": (2, {}, {}),
+    "no fsync": (1, {"BENCH_NO_FSYNC": "1"}, {}),
+    "max PDU 16 KiB": (1, {}, {"max_pdu": 16384}),
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def idle_seconds() -> float:
+    return int(Path("/proc/stat").read_text().split()[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def run(tmp: Path, files: list[Path], processes: int, env: dict, node: dict, parallel: int) -> tuple[float, float, float]:
+    """(instances/s, node CPU in % of one core, machine idle in %) for one variation."""
+    port = free_port()
+    procs = []
+    for k in range(processes):
+        folder = Path(tempfile.mkdtemp(dir=tmp))
+        config = folder / "node.yaml"
+        config.write_text(yaml.safe_dump({"node": {"port": port, "host": "127.0.0.1", "storage": str(folder / "var"), **node},
+                                          "rules": []}))
+        procs.append(subprocess.Popen([sys.executable, "-c", WRAPPER, "serve", "--config", str(config)],
+                                      env=dicomnode_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        wait_port(port, proc=procs[-1])
+    time.sleep(2)
+    cpu0, idle0, t0 = sum(cpu_seconds(p.pid) for p in procs), idle_seconds(), time.time()
+    seconds = send(port, "DICOMNODE", files, parallel)
+    wall = time.time() - t0
+    cpu = (sum(cpu_seconds(p.pid) for p in procs) - cpu0) / wall
+    idle = (idle_seconds() - idle0) / wall / os.cpu_count()
+    for p in procs:
+        p.terminate()
+        p.wait()
+    return len(files) / seconds, 100 * cpu, 100 * idle
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--n", type=int, default=400)
+    args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-variants-"))
+    files = make_instances(tmp, args.n)
+    print(f"{date.today()}, {os.uname().machine}, {os.cpu_count()} cores; {args.n} instances of 512x512x16 bit MR, DCMTK storescu\n")
+    print("| variation | 1 association inst/s (node CPU %, idle %) | 8 at once inst/s (node CPU %, idle %) |\n|---|---|---|")
+    for name, (processes, env, node) in VARIANTS.items():
+        cells = [run(tmp, files, processes, env, node, parallel) for parallel in (1, 8)]
+        print(f"| {name} | " + " | ".join(f"{r:.0f} ({c:.0f}, {i:.0f})" for r, c, i in cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
