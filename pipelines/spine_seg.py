@@ -43,9 +43,16 @@ class Network:
         from training.trainers.spine_seg import network
 
         state, description = read_model_folder(folder)
-        self.net = network(tuple(description["network"]["channels"]))
+        self.context = int(description["network"].get("context_slices", 0))
+        self.net = network(tuple(description["network"]["channels"]), 2 * self.context + 1)
         self.net.load_state_dict(state)
         self.net.to(device).eval()
+
+    def inputs(self, grid: np.ndarray, k: slice) -> np.ndarray:
+        """The network input [batch, channel, row, col] for slices `k` of a [slice, row, col] grid."""
+        from training.datasets.spine_seg import with_context
+
+        return np.ascontiguousarray(with_context(grid, self.context, k))
 
 
 class Model:
@@ -63,24 +70,29 @@ class Model:
         self.device = torch.device(device)
         members = self.description.get("members") or [{"folder": ".", "weight": 1.0}]
         self.members = [(Network(folder / m["folder"], device), float(m["weight"])) for m in members]
-        self.net = max(self.members, key=lambda m: m[1])[0].net  # Grad-CAM explains the heaviest member
+        self.explained = max(self.members, key=lambda m: m[1])[0]  # Grad-CAM explains the heaviest member
         self.algorithm = Algorithm(f"dicomnode {self.description['name']}", self.description["version"])
+
+    @staticmethod
+    def grid(series: Series) -> tuple[np.ndarray, tuple[int, int]]:
+        """The normalised series on the 1 mm working grid, padded for the U-Net; and the unpadded size."""
+        from training.datasets.spine_seg import GRID_MM, normalise, to_grid
+        from training.trainers.common import pad_to
+
+        volume = normalise(series.volume)
+        return pad_to(np.stack([to_grid(s, series.spacing, order=1, grid=GRID_MM) for s in volume]))
 
     def probabilities(self, series: Series, batch: int = 8) -> np.ndarray:
         """Class probabilities [class, slice, row, col] on the series' own grid."""
         import torch
 
-        from training.datasets.spine_seg import GRID_MM, normalise, to_grid
-        from training.trainers.common import pad_to
-
-        volume = normalise(series.volume)
-        grid = np.stack([to_grid(s, series.spacing, order=1, grid=GRID_MM) for s in volume])
-        padded, (r, c) = pad_to(grid)
+        padded, (r, c) = self.grid(series)
         out = []
         with torch.inference_mode():
             for i in range(0, len(padded), batch):
-                x = torch.from_numpy(np.ascontiguousarray(padded[i:i + batch]))[:, None].to(self.device)
-                p = sum(w * torch.softmax(m.net(x), dim=1) for m, w in self.members)
+                k = slice(i, i + batch)
+                p = sum(w * torch.softmax(m.net(torch.from_numpy(m.inputs(padded, k)).to(self.device)), dim=1)
+                        for m, w in self.members)
                 out.append(p[:, :, :r, :c].float().cpu().numpy())
         probs = np.concatenate(out).transpose(1, 0, 2, 3)  # class, slice, row, col on the 1 mm grid
         rows, cols = series.volume.shape[1:]
@@ -94,13 +106,13 @@ class Model:
         import torch
 
         from pipelines.explain import grad_cam, segmentation_decision
-        from training.datasets.spine_seg import GRID_MM, normalise, to_grid
+        from training.datasets.spine_seg import GRID_MM, to_grid
         from training.trainers.common import pad_to
 
-        image, (r, c) = pad_to(to_grid(normalise(series.volume)[k], series.spacing, order=1, grid=GRID_MM))
+        padded, (r, c) = self.grid(series)
         where, _ = pad_to(to_grid(region.astype(np.uint8), series.spacing, order=0, grid=GRID_MM))
-        x = torch.from_numpy(np.ascontiguousarray(image))[None, None].to(self.device)
-        cam = grad_cam(self.net, GRADCAM_LAYER, x, segmentation_decision(class_index, where))[:r, :c]
+        x = torch.from_numpy(self.explained.inputs(padded, slice(k, k + 1))).to(self.device)
+        cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, segmentation_decision(class_index, where))[:r, :c]
         rows, cols = series.volume.shape[1:]
         back = ndimage.zoom(cam, (rows / r, cols / c), order=1, grid_mode=True, mode="nearest")[:rows, :cols]
         return np.clip(back, 0, 1).astype(np.float32)

@@ -84,9 +84,16 @@ def to_grid(image: np.ndarray, spacing: tuple[float, float], order: int, grid: f
     return ndimage.zoom(image, zoom, order=order, mode="nearest", grid_mode=True)
 
 
+def with_context(slices: np.ndarray, context: int, which: slice = slice(None)) -> np.ndarray:
+    """[slice, row, col] -> [slice, 2 * context + 1, row, col] for the slices `which`: each slice with
+    its neighbours on either side (repeated at the ends), the input of a 2.5-D network."""
+    k = np.arange(len(slices))[which]
+    return slices[np.clip(k[:, None] + np.arange(-context, context + 1)[None], 0, len(slices) - 1)]
+
+
 @dataclass
 class Slices:
-    images: list[np.ndarray]  # float32 [rows, cols] on the 1 mm grid, normalised
+    images: list[np.ndarray]  # float32 [rows, cols] (2-D) or [channel, rows, cols] (2.5-D) on the 1 mm grid, normalised
     targets: list[np.ndarray]  # uint8 classes, IGNORE where unknown
     origin: list[str]  # "phantom:<seed>:<contrast>" or "real:<case id>"
 
@@ -96,8 +103,9 @@ class Slices:
         self.origin += other.origin
 
 
-def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR")) -> Slices:
-    """Every sagittal series of one phantom study, rendered in memory (no DICOM written)."""
+def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"), context: int = 0) -> Slices:
+    """Every sagittal series of one phantom study, rendered in memory (no DICOM written); with
+    `context`, each slice comes with that many neighbours on either side."""
     from training.phantom.acquisition import acquisitions
     from training.phantom.generator import PhantomOptions, design_study
     from training.phantom.mr import degrade, quantise, signal_table
@@ -113,20 +121,23 @@ def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"))
         pixels = normalise(quantise(degrade(clean, a.degradation, ref), a.degradation, ref))
         spacing = a.planes[0].pixel_spacing
         classes = phantom_classes(labels)
+        grid = np.stack([to_grid(p, spacing, order=1) for p in pixels])
+        images = with_context(grid, context) if context else grid
         for k in range(len(pixels)):
-            out.images.append(to_grid(pixels[k], spacing, order=1))
+            out.images.append(images[k])
             out.targets.append(to_grid(classes[k], spacing, order=0))
             out.origin.append(f"phantom:{seed}:{a.contrast.name}")
     return out
 
 
-def real_slices(case: RealCase) -> Slices:
+def real_slices(case: RealCase, context: int = 0) -> Slices:
     """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid)."""
-    image = normalise(case.image)
+    image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
+    images = with_context(image, context) if context else image
     classes = real_classes(case)
     out = Slices([], [], [])
     for k in np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]:
-        out.images.append(np.ascontiguousarray(image[:, :, k]))
+        out.images.append(np.ascontiguousarray(images[k]))
         out.targets.append(np.ascontiguousarray(classes[:, :, k]))
         out.origin.append(f"real:{case.case_id}")
     return out

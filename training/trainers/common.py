@@ -59,7 +59,8 @@ def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> t
 
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, crop: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
     """Random rotation (±15°), scale (0.85-1.2), crop; gamma, bias field, noise, blur, contrast
-    inversion: what scanners vary and the phantom may not cover."""
+    inversion: what scanners vary and the phantom may not cover. `image` is [rows, cols] or
+    [channel, rows, cols] (neighbouring slices, all moved alike); the result has a channel axis."""
     angle = np.deg2rad(rng.uniform(-15, 15))
     scale = rng.uniform(0.85, 1.2)
     c, s = np.cos(angle), np.sin(angle)
@@ -69,7 +70,9 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cro
     centre = fg[rng.integers(len(fg))] if len(fg) and rng.random() < 0.7 else np.array(image.shape) / 2
     centre = centre + rng.uniform(-40, 40, size=2)
     offset = centre - matrix @ np.array([crop / 2, crop / 2])
-    img = ndimage.affine_transform(image, matrix, offset, output_shape=(crop, crop), order=1, cval=0.0)
+    channels = image[None] if image.ndim == 2 else image
+    img = np.stack([ndimage.affine_transform(ch, matrix, offset, output_shape=(crop, crop), order=1, cval=0.0)
+                    for ch in channels])
     tgt = ndimage.affine_transform(target, matrix, offset, output_shape=(crop, crop), order=0, cval=ignore)
     img = np.clip(img, 0, 1) ** rng.uniform(0.7, 1.5)
     if rng.random() < 0.15:
@@ -77,7 +80,8 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cro
     yy, xx = np.mgrid[0:crop, 0:crop] / crop
     img = img * (1 + rng.uniform(-0.3, 0.3) * (yy - 0.5) + rng.uniform(-0.3, 0.3) * (xx - 0.5))
     if rng.random() < 0.3:
-        img = ndimage.gaussian_filter(img, rng.uniform(0.5, 1.2))
+        sigma = rng.uniform(0.5, 1.2)
+        img = ndimage.gaussian_filter(img, (0, sigma, sigma))
     img = img + rng.normal(0, rng.uniform(0, 0.05), img.shape)
     return img.astype(np.float32), tgt.astype(np.uint8)
 

@@ -3,6 +3,7 @@ cases together (partial labels masked out of the loss), resumable from its check
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -33,33 +34,36 @@ class SpineSegConfig:
     lr: float = 2e-3
     real_fraction: float = 0.5  # share of each batch drawn from real slices
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
+    context: int = 0  # neighbouring slices on either side as extra input channels: 0 is 2-D, 1 is 2.5-D
     seed: int = 0
     workers: int = 2
 
 
-def network(channels: tuple[int, ...] = SpineSegConfig.channels) -> torch.nn.Module:
+def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: int = 1) -> torch.nn.Module:
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=2, in_channels=1, out_channels=len(data.CLASSES), channels=tuple(channels),
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=len(data.CLASSES), channels=tuple(channels),
                 strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
 
 
 def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
     """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
-    phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}.npz"
+    suffix = f"-context{cfg.context}" if cfg.context else ""
+    phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
         phantom = data.load(phantom_file)
     else:
         phantom = data.Slices([], [], [])
         with ProcessPoolExecutor(cfg.workers) as pool:
-            for s in tqdm(pool.map(data.phantom_slices, cfg.phantom_seeds), total=len(cfg.phantom_seeds),
+            render = functools.partial(data.phantom_slices, context=cfg.context)
+            for s in tqdm(pool.map(render, cfg.phantom_seeds), total=len(cfg.phantom_seeds),
                           desc="phantom studies", unit="study"):
                 phantom.extend(s)
         data.save(phantom, phantom_file)
     real = data.Slices([], [], [])
     for case in load_cases(Path(cfg.real_dir)):
         if cfg.real_cases is None or case.case_id in cfg.real_cases:
-            real.extend(data.real_slices(case))
+            real.extend(data.real_slices(case, cfg.context))
     return phantom, real
 
 
@@ -74,7 +78,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     phantom, real = collect(cfg, cache)
     log.info("training on %d phantom and %d real slices", len(phantom.images), len(real.images))
-    net = network(cfg.channels)
+    net = network(cfg.channels, 2 * cfg.context + 1)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     start, losses = 0, []
@@ -96,7 +100,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         if n_real:
             xr, yr = _batch(real, n_real, rng, cfg.crop)
             xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
-        logits = net(torch.from_numpy(xs)[:, None])
+        logits = net(torch.from_numpy(xs))
         loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE)
         opt.zero_grad()
         loss.backward()
@@ -110,7 +114,8 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
                         "iteration": it + 1, "losses": losses}, ckpt)
     description = {
         "name": "spine-seg", "version": VERSION, "framework": "monai.networks.nets.UNet",
-        "network": {"spatial_dims": 2, "in_channels": 1, "channels": list(cfg.channels), "num_res_units": 1},
+        "network": {"spatial_dims": 2, "in_channels": 2 * cfg.context + 1, "context_slices": cfg.context,
+                    "channels": list(cfg.channels), "num_res_units": 1},
         "classes": list(data.CLASSES), "grid_mm": data.GRID_MM,
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
         "levels": "named after inference by anatomy: bodies counted up from S1 (L5, L4, ...), discs between them",
