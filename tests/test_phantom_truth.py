@@ -199,3 +199,24 @@ def test_modic_types_change_t1_and_t2_signal_the_right_way(kind: str, t1_sign: i
         modic = image[in_level & (tissue == tissue_id)].mean()
         normal = image[in_level & (tissue == marrow_id)].mean()
         assert sign * (modic - normal) > 0.1 * normal, (kind, contrast.name, modic, normal)
+
+
+def test_half_the_studies_keep_a_rudimentary_s1_s2_disc_inside_the_sacrum() -> None:
+    """The remnant is disc tissue labelled as sacrum, just below S1: a network must not take it for a
+    mobile disc (S1 is the lowest vertebra with a disc above it)."""
+    remnants = [design_study(seed).params.s1_s2_remnant_mm for seed in range(40)]
+    assert 0.3 < np.mean([r > 0 for r in remnants]) < 0.7
+    assert all(r == 0 or 1.5 <= r <= 4.0 for r in remnants)
+    seed = next(s for s, r in enumerate(remnants) if r > 3)
+    d = design_study(seed)
+    plane = next(iter(acquisitions(d, PhantomOptions(contrasts=("T2",)))))
+    mid = plane.planes[len(plane.planes) // 2]
+    labels, tissue = paint_plane(d.shapes, mid)
+    nucleus = d.tissues.names.index("nucleus")
+    remnant = (labels == LABEL_VALUES["sacrum"]) & (tissue == nucleus)
+    assert remnant.sum() > 20
+    s1_rows = np.nonzero((labels == LABEL_VALUES["S1"]).any(axis=1))[0]
+    rows = np.nonzero(remnant.any(axis=1))[0]
+    spacing = mid.pixel_spacing[0]
+    # below S1 (rows grow downwards in a sagittal image) and within a few mm of its lower end
+    assert rows.min() > s1_rows.min() and (rows.min() - s1_rows.max()) * spacing < 6

@@ -22,6 +22,7 @@ IGNORE = 255
 # Partial knowledge: the class is unknown but it is certainly not this one (254 - class index).
 NOT_BODY, NOT_DISC = 254 - 1, 254 - 3
 GRID_MM = 1.0
+PHANTOM_DATA_VERSION = 2  # part of the training cache's name: raise it when the phantom changes (2: S1/S2 remnant disc)
 
 _PHANTOM_LUT = np.zeros(256, dtype=np.uint8)
 for _name in ("T12", "L1", "L2", "L3", "L4", "L5"):

@@ -137,6 +137,7 @@ class SpineParams:
     body_lr: float
     body_ap: float
     slips_mm: dict[str, float] = field(default_factory=dict)  # anterior slip of the upper vertebra per disc
+    s1_s2_remnant_mm: float = 0.0  # thickness of a rudimentary S1/S2 disc inside the sacrum; 0: none
 
 
 def sample_anatomy(rng: np.random.Generator) -> SpineParams:

@@ -77,8 +77,11 @@ def design_study(seed: int, options: PhantomOptions = PhantomOptions()) -> Study
     """
     rng = np.random.default_rng([seed, 1])
     target = options.study_class or str(rng.choice(STUDY_CLASSES))
+    variant = np.random.default_rng([seed, 3])  # its own stream: the other draws of a seed stay as they were
+    remnant = float(variant.uniform(1.5, 4.0)) if variant.random() < 0.5 else 0.0
     for _ in range(8):
         params = sample_anatomy(rng)
+        params.s1_s2_remnant_mm = remnant
         if options.lordosis_deg is not None:
             params.wedges_deg = _rescale_wedges(params, options.lordosis_deg)
         findings = sample_findings(rng, target)

@@ -72,7 +72,23 @@ def build_shapes(p: SpineParams, chain: dict[str, Element], f: Findings, t: Tiss
             shapes += _osteophytes(chain[name], LABEL_VALUES[name], vf.osteophyte_mm, t)
     for i in range(3):
         shapes.append(_body(chain[f"sacrum{i}"], LABEL_VALUES["sacrum"], p, none_v, t))
+    if p.s1_s2_remnant_mm > 0:
+        shapes.append(_remnant_disc(chain["sacrum0"], p.s1_s2_remnant_mm, t))
     return shapes
+
+
+def _remnant_disc(el: Element, thickness: float, t: Tissues) -> Shape:
+    """The rudimentary S1/S2 disc that many adults keep: a thin band of disc tissue just below S1,
+    inside the fused sacrum. It is part of the sacrum, not a mobile disc, so S1 must still be
+    recognised as the lowest vertebra with a disc above it."""
+    ru, rx, h = 0.35 * el.depth, 0.35 * el.width, el.height
+
+    def paint(q: np.ndarray):
+        x, u, w, below_top, above_bottom = el.local(q)
+        m = (superellipse(u, x, ru, rx, 2.2) <= 1) & (below_top >= 0.5) & (below_top <= 0.5 + thickness)
+        return m, t("nucleus")
+
+    return Shape("S1/S2 remnant disc", LABEL_VALUES["sacrum"], *element_box(el, -ru, ru, -h, h, -rx, rx), paint)
 
 
 def _soft_tissue(p: SpineParams, chain: dict[str, Element], t: Tissues) -> list[Shape]:

@@ -48,7 +48,7 @@ def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: in
 
 def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
     """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
-    suffix = f"-context{cfg.context}" if cfg.context else ""
+    suffix = f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
     phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
         phantom = data.load(phantom_file)
