@@ -198,7 +198,7 @@ def _train(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds), iterations=args.iterations, seed=args.seed,
-                         context=args.context)
+                         context=args.context, beyond_ends=args.beyond_ends)
     if args.real_dir:
         cfg.real_dir = args.real_dir
     ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
     tr.add_argument("--iterations", type=int, default=8000)
     tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
+                    "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")

@@ -76,3 +76,19 @@ def test_case_as_dicom_is_valid_and_reads_back(case_id: str, tmp_path: Path) -> 
 
 def test_case_paths_lists_every_npz() -> None:
     assert len(case_paths()) == 54
+
+
+def test_what_the_level_names_imply_beyond_the_labels() -> None:
+    """With `beyond_ends`, just below L5 (the L5/S1 disc, then S1) is marked "not a lumbar body" and
+    just above the L1/L2 disc (L1) "not a disc"; without it, both stay unknown."""
+    from training.datasets.spine_seg import IGNORE, NOT_BODY, NOT_DISC, real_classes
+
+    for case_id, last_or_first, mark in (("VB3_01", "last", NOT_BODY), ("IVD_11", "first", NOT_DISC)):
+        c = load_case(DEFAULT_DIR / f"{case_id}.npz")
+        label = len(c.names) if last_or_first == "last" else 1
+        rows, cols, slices = np.nonzero(c.labels == label)
+        k, col = int(np.median(slices)), int(np.median(cols))
+        column = c.labels[:, col, k] == label
+        edge = np.nonzero(column)[0].max() + 3 if last_or_first == "last" else np.nonzero(column)[0].min() - 3
+        assert real_classes(c)[edge, col, k] == IGNORE
+        assert real_classes(c, beyond_ends=True)[edge, col, k] == mark

@@ -38,7 +38,7 @@ def phantom_classes(labels: np.ndarray) -> np.ndarray:
     return _PHANTOM_LUT[labels]
 
 
-def real_classes(case: RealCase) -> np.ndarray:
+def real_classes(case: RealCase, beyond_ends: bool = False) -> np.ndarray:
     """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere,
     and between two labelled neighbours (the disc between two bodies, the body between two discs)
     NOT_BODY or NOT_DISC: what lies there is unlabelled, but certainly not the labelled kind.
@@ -47,12 +47,35 @@ def real_classes(case: RealCase) -> np.ndarray:
     cls = np.full(case.labels.shape, IGNORE, dtype=np.uint8)
     cls[case.known()] = 0
     kind = 1 if case.kind == "vertebral_body" else 3
-    between = _between_neighbours(case.labels)
+    between = _between_neighbours(case.labels) | (_beyond_the_ends(case) if beyond_ends else False)
     cls[between & (cls == IGNORE)] = NOT_BODY if kind == 1 else NOT_DISC
     cls[case.labels > 0] = kind
     if case.dataset == "VB1":
         cls[case.labels == case.labels.max()] = IGNORE
     return cls
+
+
+def _beyond_the_ends(case: RealCase) -> np.ndarray:
+    """Where the level names say what lies just beyond the labelled run: below L5 come the L5/S1
+    disc and S1 (neither is a lumbar body: S1 has its own class), below the L5/S1 disc comes S1,
+    above the L1/L2 disc comes L1 (not a disc). A band as tall as the last structure, in its columns."""
+    out = np.zeros(case.labels.shape, dtype=bool)
+    rows = np.arange(case.labels.shape[0])[:, None, None]
+    ends = []
+    if case.names and case.names[-1] in ("L5", "L5/S1"):
+        ends.append((len(case.names), 1))  # (label, direction: 1 = below)
+    if case.names and case.names[0] == "L1/L2":
+        ends.append((1, -1))
+    for label, direction in ends:
+        m = case.labels == label
+        height = int(m.any(axis=(1, 2)).sum())
+        edge = np.where(m, rows, -1).max(axis=0) if direction == 1 else np.where(m, rows, case.labels.shape[0]).min(axis=0)
+        has = m.any(axis=0)
+        if direction == 1:
+            out |= has[None] & (rows > edge[None]) & (rows <= edge[None] + height)
+        else:
+            out |= has[None] & (rows < edge[None]) & (rows >= edge[None] - height)
+    return out
 
 
 def _between_neighbours(labels: np.ndarray) -> np.ndarray:
@@ -131,11 +154,11 @@ def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"),
     return out
 
 
-def real_slices(case: RealCase, context: int = 0) -> Slices:
+def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False) -> Slices:
     """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid)."""
     image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
     images = with_context(image, context) if context else image
-    classes = real_classes(case)
+    classes = real_classes(case, beyond_ends)
     out = Slices([], [], [])
     for k in np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]:
         out.images.append(np.ascontiguousarray(images[k]))

@@ -35,6 +35,7 @@ class SpineSegConfig:
     real_fraction: float = 0.5  # share of each batch drawn from real slices
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     context: int = 0  # neighbouring slices on either side as extra input channels: 0 is 2-D, 1 is 2.5-D
+    beyond_ends: bool = False  # real cases: below L5 is no lumbar body, above the L1/L2 disc no disc
     seed: int = 0
     workers: int = 2
 
@@ -63,7 +64,7 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
     real = data.Slices([], [], [])
     for case in load_cases(Path(cfg.real_dir)):
         if cfg.real_cases is None or case.case_id in cfg.real_cases:
-            real.extend(data.real_slices(case, cfg.context))
+            real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends))
     return phantom, real
 
 
