@@ -168,3 +168,30 @@ def test_an_ensemble_folder_averages_its_members(lumbar_studies: list[Path], tmp
         write_ensemble([folder], found, tmp_path / "nested", "test")
     with pytest.raises(ValueError, match="used in training or validation"):
         evaluate(folder, tmp_path / "report", [4001])
+
+
+def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    """A tiny 2.5-D run (one phantom seed, one real case, a few iterations) through the real trainer:
+    it writes a self-describing folder, resumes from its checkpoint instead of starting again, and the
+    pipeline's Model runs it."""
+    from training.trainers.spine_seg import SpineSegConfig, train
+
+    cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=4, batch=2, crop=64,
+                         channels=(4, 8), context=1, beyond_ends=True, workers=1)
+    folder = train(cfg, tmp_path / "model", tmp_path / "cache")
+    d = json.loads((folder / "model.json").read_text())
+    assert d["network"]["in_channels"] == 3 and d["training"]["real_case_ids"] == ["VB3_02"]
+    assert d["training"]["beyond_ends"] is True
+    before = torch_load(folder / "model.pt")
+    train(cfg, folder, tmp_path / "cache")  # resumes from the checkpoint at iteration 4: nothing left to do
+    after = torch_load(folder / "model.pt")
+    assert len(torch_load(folder / "checkpoint.pt")["losses"]) == 4 and all(after[k].equal(v) for k, v in before.items())
+    series, _, _ = series_and_truth(lumbar_studies[0])
+    probs = Model(folder).probabilities(series)
+    assert probs.shape == (5, *series.volume.shape) and np.allclose(probs.sum(axis=0), 1, atol=1e-4)
+
+
+def torch_load(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=False)

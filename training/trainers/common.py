@@ -67,7 +67,7 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cro
     matrix = np.array([[c, -s], [s, c]]) / scale
     # centre the crop on a random labelled point half of the time, so the spine is usually seen
     fg = np.argwhere((target > 0) & (target != ignore))
-    centre = fg[rng.integers(len(fg))] if len(fg) and rng.random() < 0.7 else np.array(image.shape) / 2
+    centre = fg[rng.integers(len(fg))] if len(fg) and rng.random() < 0.7 else np.array(target.shape) / 2
     centre = centre + rng.uniform(-40, 40, size=2)
     offset = centre - matrix @ np.array([crop / 2, crop / 2])
     channels = image[None] if image.ndim == 2 else image
