@@ -202,6 +202,21 @@ def _find_s1(classes: np.ndarray, bodies: list[Component], discs: list[Component
     return None
 
 
+def _below_l5(bodies: list[Component], discs: list[Component]) -> np.ndarray | None:
+    """Where S1 lies when the network marked no S1 (it may sit cut at the edge of the field of
+    view): below the lowest body that has a disc under it and no body under that disc, as far
+    below the disc as the body is above it. None when no such body exists."""
+    ordered = sorted(bodies, key=lambda b: b[1][2])
+    if not ordered:
+        return None
+    _, lowest = ordered[0]
+    under = [d for d in discs if 0 < lowest[2] - d[1][2] <= MAX_STEP_MM / 2]
+    if not under:
+        return None
+    disc = max(under, key=lambda d: d[0].sum())[1]
+    return disc + (disc - lowest)
+
+
 def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     """Name bodies and discs by anatomy: find S1; the bodies above it, nearest first, are L5, L4,
     ... L1; a disc takes the names of the two bodies around it."""
@@ -214,17 +229,22 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
         candidates = [c for c in candidates if c[0].sum() >= MIN_BODY_FRACTION * typical]
     discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
     s1 = _find_s1(classes, candidates, discs, v, series, out.problems)
-    if s1 is None:
-        out.problems.append("S1 is not in the field of view (or not recognised): vertebral levels are not named")
-        return out
-    s1_mask, s1_centre = s1
-    # a "body" sharing a long border with S1 is S1 that the network was unsure of
-    near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
-    s1_parts = [c for c in candidates if c[0] is s1_mask or (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]
-    for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
-        out.labels[comp] = LABEL_VALUES["S1"]
-    bodies = sorted((b for b in candidates if all(b[0] is not p[0] for p in s1_parts) and b[1][2] > s1_centre[2]),
-                    key=lambda b: b[1][2])
+    if s1 is not None:
+        s1_mask, s1_centre = s1
+        # a "body" sharing a long border with S1 is S1 that the network was unsure of
+        near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
+        s1_parts = [c for c in candidates if c[0] is s1_mask or (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]
+        for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
+            out.labels[comp] = LABEL_VALUES["S1"]
+        candidates = [b for b in candidates if all(b[0] is not p[0] for p in s1_parts)]
+    else:
+        s1_centre = _below_l5(candidates, discs)
+        if s1_centre is None:
+            out.problems.append("S1 is not in the field of view (or not recognised): vertebral levels are not named")
+            return out
+        out.problems.append("S1 not recognised: L5 taken as the lowest vertebral body above a disc with no body below "
+                            "it; S1 itself is not segmented")
+    bodies = sorted((b for b in candidates if b[1][2] > s1_centre[2]), key=lambda b: b[1][2])
     chain: list[tuple[str, np.ndarray]] = [("S1", s1_centre)]
     for name, (mask, centre) in zip(LUMBAR, bodies):
         if np.linalg.norm(centre - chain[-1][1]) > MAX_STEP_MM:

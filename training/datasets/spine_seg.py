@@ -130,27 +130,18 @@ class Slices:
 def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"), context: int = 0) -> Slices:
     """Every sagittal series of one phantom study, rendered in memory (no DICOM written); with
     `context`, each slice comes with that many neighbours on either side."""
-    from training.phantom.acquisition import acquisitions
-    from training.phantom.generator import PhantomOptions, design_study
-    from training.phantom.mr import degrade, quantise, signal_table
-    from training.phantom.render import render_series
+    from training.datasets.phantom import phantom_series
+    from training.phantom.generator import PhantomOptions
 
-    options = PhantomOptions(contrasts=contrasts, max_matrix=384)
-    d = design_study(seed, options)
     out = Slices([], [], [])
-    for a in acquisitions(d, options):
-        signals = signal_table(d.tissues.names, a.contrast, d.nucleus_t2)
-        labels, _, clean = render_series(d.shapes, a.planes, signals)
-        ref = float(signals[1:].max())
-        pixels = normalise(quantise(degrade(clean, a.degradation, ref), a.degradation, ref))
-        spacing = a.planes[0].pixel_spacing
-        classes = phantom_classes(labels)
-        grid = np.stack([to_grid(p, spacing, order=1) for p in pixels])
+    for s in phantom_series(seed, PhantomOptions(contrasts=contrasts, max_matrix=384)):
+        classes = phantom_classes(s.labels)
+        grid = np.stack([to_grid(p, s.spacing, order=1) for p in normalise(s.pixels)])
         images = with_context(grid, context) if context else grid
-        for k in range(len(pixels)):
+        for k in range(len(s.pixels)):
             out.images.append(images[k])
-            out.targets.append(to_grid(classes[k], spacing, order=0))
-            out.origin.append(f"phantom:{seed}:{a.contrast.name}")
+            out.targets.append(to_grid(classes[k], s.spacing, order=0))
+            out.origin.append(f"phantom:{seed}:{s.contrast}")
     return out
 
 
