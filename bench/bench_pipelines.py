@@ -1,9 +1,10 @@
 """spine-seg + lordosis on one 15-slice 512x512 sagittal T2 series: seconds from DICOM files to
 SEG + SR written, after the model is loaded, and peak memory; on the CPU, and on the GPU when
-there is one.
+there is one. Then `marrow` on a whole phantom study (sagittal T2, T1, STIR): files to SR and
+Grad-CAM maps, spine-seg on each series included.
 
-Run: `.venv/bin/python bench/bench_pipelines.py [--runs 5] [--device cpu|cuda]`; prints a Markdown
-row for docs/BENCHMARKS.md and writes bench/results/pipelines-<device>.json.
+Run: `.venv/bin/python bench/bench_pipelines.py [--runs 5] [--device cpu|cuda]`; prints Markdown
+rows for docs/BENCHMARKS.md and writes bench/results/pipelines-<device>.json.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines import lordosis, spine_seg
+from pipelines import lordosis, marrow, spine_seg
 from structured_reports.model import ResultOptions
 from training.phantom.acquisition import acquisitions
 from training.phantom.generator import PhantomOptions, design_study, generate_study
@@ -62,6 +63,16 @@ def main() -> None:
             if run:
                 times.append(time.perf_counter() - t)
         assert [p.name for p in produced] == ["seg.dcm", "sr.dcm"], produced
+        generate_study(tmp / "three", 7000, PhantomOptions(contrasts=("T2", "T1", "STIR"), max_matrix=512), write_tissue=False)
+        study = sorted((tmp / "three" / "dicom").rglob("*.dcm"))
+        marrow.load_model()
+        marrow_times = []
+        for run in range(args.runs + 1):
+            spine_seg._cache.clear()
+            t = time.perf_counter()
+            marrow.run(study, tmp / f"marrow{run}", ResultOptions())
+            if run:
+                marrow_times.append(time.perf_counter() - t)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = ""
     if model.device.type == "cuda":
@@ -70,10 +81,14 @@ def main() -> None:
         gpu = f", {torch.cuda.get_device_name()} peak {torch.cuda.max_memory_allocated() / 2**20:.0f} MiB"
     row = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
            "device": model.device.type, "model_load_s": round(load_s, 2), "median_s": round(float(np.median(times)), 2),
-           "min_s": round(min(times), 2), "runs": len(times), "peak_rss_mb": round(peak_mb)}
+           "min_s": round(min(times), 2), "runs": len(times), "peak_rss_mb": round(peak_mb),
+           "marrow_study_slices": len(study), "marrow_median_s": round(float(np.median(marrow_times)), 2),
+           "marrow_min_s": round(min(marrow_times), 2)}
     print("| date | machine | device | model load s | files -> SEG + SR, median s (min) | peak RSS MB |\n|---|---|---|---|---|---|")
     print(f"| {row['date']} | {row['machine']} | {row['device']} | {row['model_load_s']} | {row['median_s']} ({row['min_s']}) "
           f"| {row['peak_rss_mb']} |")
+    print(f"\nmarrow on a {row['marrow_study_slices']}-image study (T2, T1, STIR; spine-seg on each series): "
+          f"median {row['marrow_median_s']} s (min {row['marrow_min_s']}); peak RSS above covers the whole run")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / f"pipelines-{row['device']}.json").write_text(json.dumps(row, indent=1))

@@ -193,12 +193,24 @@ def _seeds(text: str) -> list[int]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.model == "marrow":
+        from training.trainers.marrow import MarrowConfig
+        from training.trainers.marrow import train as train_marrow
+
+        cfg = MarrowConfig(seed=args.seed)
+        if args.phantom_seeds:
+            cfg.train_seeds = _seeds(args.phantom_seeds)
+        if args.validation_seeds:
+            cfg.validation_seeds = _seeds(args.validation_seeds)
+        cfg.iterations = args.iterations or cfg.iterations
+        print(f"model folder written: {train_marrow(cfg, Path(args.out), Path(args.cache))}")
+        return 0
     from training.datasets.real_lumbar import load_cases, split
     from training.trainers.spine_seg import SpineSegConfig, train
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds), iterations=args.iterations, seed=args.seed,
-                         context=args.context, beyond_ends=args.beyond_ends)
+    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds or "1000-1059"), iterations=args.iterations or 8000,
+                         seed=args.seed, context=args.context, beyond_ends=args.beyond_ends)
     if args.real_dir:
         cfg.real_dir = args.real_dir
     ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
@@ -222,15 +234,24 @@ def _ensemble(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from pipelines.spine_seg import MODEL_DIR
-    from training.evaluation.spine_seg import evaluate
-
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds), args.fold)
+        if args.model == "marrow":
+            from pipelines.marrow import MODEL_DIR as MARROW_DIR
+            from training.evaluation.marrow import evaluate as evaluate_marrow
+
+            metrics = evaluate_marrow(Path(args.model_folder or MARROW_DIR), Path(args.out),
+                                      _seeds(args.phantom_seeds or "5000-5099"), args.end_to_end)
+        else:
+            from pipelines.spine_seg import MODEL_DIR
+            from training.evaluation.spine_seg import evaluate
+
+            metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds or "5000-5029"),
+                               args.fold)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, dict)} for k, v in metrics.items()}, indent=1))
+    flat = lambda v: {k: x for k, x in v.items() if not isinstance(x, (dict, list))}  # noqa: E731
+    print(json.dumps({k: flat(v) if isinstance(v, dict) else v for k, v in metrics.items()}, indent=1))
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
 
@@ -298,12 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_process)
 
     tr = sub.add_parser("train", help="train a pipeline's model from the phantom and the real cases")
-    tr.add_argument("model", choices=["spine-seg"])
-    tr.add_argument("--out", required=True, help="model folder to write (resumes from its checkpoint)")
-    tr.add_argument("--phantom-seeds", default="1000-1059", help="training phantom seeds, e.g. 1000-1059")
+    tr.add_argument("model", choices=["spine-seg", "marrow"])
+    tr.add_argument("--out", required=True, help="model folder to write (spine-seg resumes from its checkpoint)")
+    tr.add_argument("--phantom-seeds", help="training phantom seeds (spine-seg 1000-1059, marrow 6000-6159)")
+    tr.add_argument("--validation-seeds", help="marrow: phantom seeds that choose among the nine classifiers (6160-6199)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
-    tr.add_argument("--iterations", type=int, default=8000)
+    tr.add_argument("--iterations", type=int, help="spine-seg 8000, marrow 4000")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
@@ -324,10 +346,11 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=_ensemble)
 
     ev = sub.add_parser("evaluate", help="measure a model on data it did not train on; writes a report with plots")
-    ev.add_argument("model", choices=["spine-seg"])
+    ev.add_argument("model", choices=["spine-seg", "marrow"])
     ev.add_argument("--out", required=True, help="report folder (report.md, metrics.json, plots)")
-    ev.add_argument("--model-folder", help="model folder (default: the shipped one, pipelines/models/spine-seg)")
-    ev.add_argument("--phantom-seeds", default="5000-5029")
+    ev.add_argument("--model-folder", help="model folder (default: the shipped one, pipelines/models/<model>)")
+    ev.add_argument("--phantom-seeds", help="held-out phantom seeds (spine-seg 5000-5029, marrow 5000-5099)")
+    ev.add_argument("--end-to-end", type=int, default=12, help="marrow: studies also run through DICOM and spine-seg")
     ev.add_argument("--fold", type=int, default=0, help="the real cases' held-out fold (must not be trained on)")
     ev.set_defaults(func=_evaluate)
 

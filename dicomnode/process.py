@@ -52,7 +52,7 @@ def _run(name: str, files: list[Path], target: Path, out: Path, study: dict, ser
 
 def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] | None = None) -> dict:
     """Run series rules on each series and study rules on each study, as the node does; or the
-    named pipelines on each series."""
+    named pipelines, each on what it reads (`Pipeline.scope`: every series, or the whole study)."""
     registry.load_plugins(cfg.plugins)
     out.mkdir(parents=True, exist_ok=True)
     options = ResultOptions(**cfg.results.model_dump())
@@ -68,14 +68,17 @@ def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] |
         study_files[study_uid] += [p for p, _ in items]
         for rule in [] if pipelines is not None else route(study_rules, attrs, cfg.rule_mode):
             study_hits[study_uid].setdefault(rule.name, rule)
-        names = pipelines if pipelines is not None else [n for r in route(series_rules, attrs, cfg.rule_mode) for n in r.pipelines]
+        names = ([n for n in pipelines if registry.get(n).scope == "series"] if pipelines is not None
+                 else [n for r in route(series_rules, attrs, cfg.rule_mode) for n in r.pipelines])
         if not names and not study_hits[study_uid]:
             log.info("series %s (%r) matches no rule", series_uid, attrs.get("SeriesDescription"))
         for name in names:
             _run(name, [p for p, _ in items], out / series_uid / name, out, study, series_uid, options)
-    for study_uid, hits in study_hits.items():
-        rules = list(hits.values())[:1] if cfg.rule_mode == "first" else list(hits.values())
-        for name in (n for r in rules for n in r.pipelines):
+    for study_uid in studies:
+        hits = list(study_hits[study_uid].values())
+        rules = hits[:1] if cfg.rule_mode == "first" else hits
+        named = [n for n in pipelines or [] if registry.get(n).scope == "study"]
+        for name in named + [n for r in rules for n in r.pipelines]:
             _run(name, study_files[study_uid], out / study_uid / name, out, studies[study_uid], "", options)
     results = {"studies": list(studies.values())}
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -24,10 +24,11 @@ class Pipeline:
     run: RunFn
     device: str = "cpu"  # cpu | gpu
     version: str = "0"
+    scope: str = "series"  # what it reads when named on `process --pipelines`: one series, or the whole study
 
 
 _REGISTRY: dict[str, Pipeline] = {}
-BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis")  # imported on first lookup; torch only when they run
+BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis", "pipelines.marrow")  # imported on first lookup; torch only when they run
 
 
 def register(p: Pipeline) -> Pipeline:

@@ -79,6 +79,7 @@ FINDINGS: dict[str, Code] = {
     "disc_herniation": private("HERN", "Intervertebral disc herniation"),
     "disc_degeneration": private("DDD", "Intervertebral disc degeneration"),
     "modic_change": private("MODIC", "Modic vertebral endplate bone marrow change"),
+    "marrow_lesion": private("MLES", "Focal vertebral bone marrow lesion"),
     "spondylolisthesis": private("SPL", "Spondylolisthesis"),
     "lumbar_lordosis": private("LORD", "Lumbar lordosis"),
 }
@@ -89,6 +90,7 @@ GRADES: dict[str, Code] = {
     "moderate": Code("6736007", "SCT", "Moderate"),
     "severe": Code("24484000", "SCT", "Severe"),
     "none": Code("272519000", "SCT", "Absent"),
+    "present": Code("52101004", "SCT", "Present"),
     "bulge": private("H-BULGE", "Disc bulge"),
     "protrusion": private("H-PROT", "Disc protrusion"),
     "extrusion": private("H-EXTR", "Disc extrusion"),

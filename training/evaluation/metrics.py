@@ -76,3 +76,21 @@ def bars(values: dict[str, float], path: Path, title: str, target: float | None 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def roc(truth: Sequence[bool], scores: Sequence[float], path: Path, title: str) -> float:
+    """ROC curve of a binary decision; returns the AUC."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fpr, tpr, _ = roc_curve(truth, scores)
+    auc = float(roc_auc_score(truth, scores))
+    fig, ax = plt.subplots(figsize=(4.2, 4), dpi=110)
+    ax.plot(fpr, tpr, lw=1.5)
+    ax.plot([0, 1], [0, 1], color="grey", lw=0.8, linestyle="--")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"{title}\nAUC {auc:.3f}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return auc
