@@ -29,34 +29,33 @@ GRADCAM_LAYER = "net.features.3"  # the second stage: 8x8 on a 64-pixel crop
 WEIGHTINGS = ("T2", "T1", "STIR")  # the first present is the series results and maps refer to
 
 
-class _Features:
-    """The backbone up to its penultimate layer, as one module (Grad-CAM needs a module)."""
+def penultimate(net):  # torch is imported here, not with this module: the node imports pipelines at start
+    """The backbone up to its penultimate layer as one module (Grad-CAM hooks into its layers)."""
+    import torch
 
-    def __new__(cls, net):  # a torch.nn.Module built lazily, so importing this module needs no torch
-        import torch
+    class Penultimate(torch.nn.Module):
+        def __init__(self, net: torch.nn.Module):
+            super().__init__()
+            self.net = net
 
-        class Penultimate(torch.nn.Module):
-            def __init__(self, net: torch.nn.Module):
-                super().__init__()
-                self.net = net
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net.classifier[:2](self.net.avgpool(self.net.features(x)))
 
-            def forward(self, x: torch.Tensor) -> torch.Tensor:
-                return self.net.classifier[:2](self.net.avgpool(self.net.features(x)))
-
-        return Penultimate(net)
+    return Penultimate(net)
 
 
 class Model:
-    """A trained marrow model folder: backbone weights, the chosen classifier, and its description."""
+    """A trained marrow model folder: backbone weights, the chosen classifier, and its description.
+    It runs on the CPU: a few 64-pixel crops per study."""
 
-    def __init__(self, folder: Path = MODEL_DIR, device: str = "cpu"):
+    def __init__(self, folder: Path = MODEL_DIR):
         from training.trainers.common import read_model_folder
         from training.trainers.marrow import network
 
         state, self.description = read_model_folder(folder)
         net = network(tuple(self.description["network"]["widths"]), tuple(self.description["network"]["depths"]))
         net.load_state_dict(state)
-        self.features = _Features(net.eval())
+        self.features = penultimate(net.eval())
         self.classifier = pickle.loads((Path(folder) / self.description["classifier"]["file"]).read_bytes())
         self.prior = np.asarray(self.description["classifier"]["prior"], dtype=float)
         self.classes: list[str] = self.description["classes"]
@@ -64,13 +63,10 @@ class Model:
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
         """[crop, class] probabilities of crops [crop, 3, 64, 64]."""
-        import torch
-
         from training.datasets.marrow import standardise
+        from training.trainers.marrow import features
 
-        with torch.inference_mode():
-            f = self.features(torch.from_numpy(standardise(crops))).numpy()
-        return self.classifier.predict_proba(f)
+        return self.classifier.predict_proba(features(self.features.net, standardise(crops)))
 
     def explain(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one class on one crop. For a linear classifier (logistic regression behind a

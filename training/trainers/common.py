@@ -57,6 +57,16 @@ def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> t
     return loss + (dice[present].mean() if present.any() else 0 * ce)
 
 
+def optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, losses: list[float], bar: Any) -> None:
+    """One optimiser and schedule step; the running mean loss goes on the progress bar."""
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    sched.step()
+    losses.append(loss.item())
+    bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+
+
 def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, crop: int, ignore: int) -> tuple[np.ndarray, np.ndarray]:
     """Random rotation (±15°), scale (0.85-1.2), crop; gamma, bias field, noise, blur, contrast
     inversion: what scanners vary and the phantom may not cover. `image` is [rows, cols] or

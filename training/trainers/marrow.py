@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from training.datasets import marrow as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
-from training.trainers.common import git_commit, seed_everything, write_model_folder
+from training.trainers.common import git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -54,13 +54,11 @@ def network(widths: tuple[int, ...] = MarrowConfig.widths, depths: tuple[int, ..
 
 def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.ndarray:
     """Penultimate-layer features (after the final LayerNorm), the paper's deep features."""
-    out = []
-    net.eval()
+    from pipelines.marrow import penultimate
+
+    module = penultimate(net).eval()
     with torch.inference_mode():
-        for i in range(0, len(images), batch):
-            x = net.avgpool(net.features(torch.from_numpy(images[i:i + batch])))
-            out.append(net.classifier[:2](x).numpy())
-    return np.concatenate(out)
+        return np.concatenate([module(torch.from_numpy(images[i:i + batch])).numpy() for i in range(0, len(images), batch)])
 
 
 def classifiers(seed: int = 0) -> dict:
@@ -184,12 +182,7 @@ def train(cfg: MarrowConfig, out: Path, cache: Path) -> Path:
         idx = np.concatenate([rng.choice(normal, cfg.batch // 2), rng.choice(abnormal, cfg.batch - cfg.batch // 2)])
         xb = torch.from_numpy(np.stack([_augment(x[i], rng) for i in idx]))
         loss = torch.nn.functional.cross_entropy(net(xb), torch.from_numpy(y[idx]).long())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        optimise(loss, opt, sched, losses, bar)
     table, fitted = compare(features(net, x), y, features(net, xv), val_crops, cfg.seed)
     # chosen as the pipeline reports: per body, its series fused; F1 of abnormal, then AUC
     best = max(table, key=lambda n: (round(table[n]["per_body"]["f1"], 3), table[n]["per_body"]["auc"]))

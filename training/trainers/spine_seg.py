@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from training.datasets import spine_seg as data
 from training.datasets.real_lumbar import DEFAULT_DIR, load_cases
-from training.trainers.common import augment, git_commit, masked_ce_dice, seed_everything, write_model_folder
+from training.trainers.common import augment, git_commit, masked_ce_dice, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -103,12 +103,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
             xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
         logits = net(torch.from_numpy(xs))
         loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(float(loss))
-        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.3f}")
+        optimise(loss, opt, sched, losses, bar)
         if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
             out.mkdir(parents=True, exist_ok=True)
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
