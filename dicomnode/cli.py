@@ -209,8 +209,10 @@ def _train(args: argparse.Namespace) -> int:
     from training.datasets.real_lumbar import load_cases, split
     from training.trainers.spine_seg import SpineSegConfig, train
 
-    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds or "1000-1059"), iterations=args.iterations or 8000,
+    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds or "1000-1059"), iterations=args.iterations or 2500,
                          seed=args.seed, context=args.context, beyond_ends=args.beyond_ends)
+    if args.real_fraction is not None:
+        cfg.real_fraction = args.real_fraction
     if args.real_dir:
         cfg.real_dir = args.real_dir
     ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
@@ -325,12 +327,13 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--validation-seeds", help="marrow: phantom seeds that choose among the nine classifiers (6160-6199)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
-    tr.add_argument("--iterations", type=int, help="spine-seg 8000, marrow 4000")
+    tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
+    tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
     tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
     tr.set_defaults(func=_train)
