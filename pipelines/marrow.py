@@ -161,8 +161,8 @@ def classify(study: list[Series], model: Model | None = None) -> tuple[list[Body
 
 
 def findings(results: list[BodyResult], classes: list[str]) -> tuple[list[Finding], dict]:
-    """SR findings (a Modic change graded 0-3 on the body's SEG segment; a focal lesion as its own
-    finding) and the results.json entry, per SPEC: {"L3": {"label", "probability", "type"}}."""
+    """SR findings per body (a Modic change graded 0-3, a focal lesion present or not, each with its
+    probability) and the results.json entry, per SPEC: {"L3": {"label", "probability", "type"}}."""
     out, summary = [], {}
     for r in results:
         p_abnormal = float(1 - r.probabilities[classes.index("normal")])
