@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("model", choices=["spine-seg", "marrow"])
     tr.add_argument("--out", required=True, help="model folder to write (spine-seg resumes from its checkpoint)")
     tr.add_argument("--phantom-seeds", help="training phantom seeds (spine-seg 1000-1059, marrow 6000-6159)")
-    tr.add_argument("--validation-seeds", help="marrow: phantom seeds that choose among the nine classifiers (6160-6199)")
+    tr.add_argument("--validation-seeds", help="marrow: phantom seeds that choose among the nine classifiers (6160-6279)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
     tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000")

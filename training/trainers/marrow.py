@@ -30,7 +30,7 @@ CLASSIFIER_FILE = "classifier.pkl"
 @dataclass
 class MarrowConfig:
     train_seeds: list[int] = field(default_factory=lambda: list(range(6000, 6160)))
-    validation_seeds: list[int] = field(default_factory=lambda: list(range(6160, 6200)))
+    validation_seeds: list[int] = field(default_factory=lambda: list(range(6160, 6280)))
     jitter: int = 2  # extra crops per body with the box moved, as a segmentation would place it
     widths: tuple[int, ...] = (32, 64, 128, 256)
     depths: tuple[int, ...] = (2, 2, 4, 2)
