@@ -209,8 +209,10 @@ def _train(args: argparse.Namespace) -> int:
     from training.datasets.real_lumbar import load_cases, split
     from training.trainers.spine_seg import SpineSegConfig, train
 
-    cfg = SpineSegConfig(phantom_seeds=_seeds(args.phantom_seeds or "1000-1059"), iterations=args.iterations or 2500,
-                         seed=args.seed, context=args.context, beyond_ends=args.beyond_ends)
+    cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends)
+    if args.phantom_seeds:
+        cfg.phantom_seeds = _seeds(args.phantom_seeds)
+    cfg.iterations = args.iterations or cfg.iterations
     if args.real_fraction is not None:
         cfg.real_fraction = args.real_fraction
     if args.real_dir:
