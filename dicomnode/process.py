@@ -58,6 +58,7 @@ def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] |
     options = ResultOptions(**cfg.results.model_dump())
     series_rules = [r for r in cfg.rules if r.scope == "series"]
     study_rules = [r for r in cfg.rules if r.scope == "study"]
+    by_scope = {scope: [n for n in pipelines or [] if registry.get(n).scope == scope] for scope in ("series", "study")}
     studies: dict[str, dict] = {}
     study_hits: dict[str, dict[str, Rule]] = defaultdict(dict)
     study_files: dict[str, list[Path]] = defaultdict(list)
@@ -68,17 +69,18 @@ def process_folder(inp: Path, out: Path, cfg: NodeConfig, pipelines: list[str] |
         study_files[study_uid] += [p for p, _ in items]
         for rule in [] if pipelines is not None else route(study_rules, attrs, cfg.rule_mode):
             study_hits[study_uid].setdefault(rule.name, rule)
-        names = ([n for n in pipelines if registry.get(n).scope == "series"] if pipelines is not None
-                 else [n for r in route(series_rules, attrs, cfg.rule_mode) for n in r.pipelines])
-        if not names and not study_hits[study_uid]:
+        if pipelines is not None:
+            names = by_scope["series"]
+        else:
+            names = [n for r in route(series_rules, attrs, cfg.rule_mode) for n in r.pipelines]
+        if not names and not study_hits[study_uid] and not by_scope["study"]:
             log.info("series %s (%r) matches no rule", series_uid, attrs.get("SeriesDescription"))
         for name in names:
             _run(name, [p for p, _ in items], out / series_uid / name, out, study, series_uid, options)
     for study_uid in studies:
         hits = list(study_hits[study_uid].values())
         rules = hits[:1] if cfg.rule_mode == "first" else hits
-        named = [n for n in pipelines or [] if registry.get(n).scope == "study"]
-        for name in named + [n for r in rules for n in r.pipelines]:
+        for name in by_scope["study"] + [n for r in rules for n in r.pipelines]:
             _run(name, study_files[study_uid], out / study_uid / name, out, studies[study_uid], "", options)
     results = {"studies": list(studies.values())}
     (out / "results.json").write_text(json.dumps(results, indent=1))

@@ -55,18 +55,18 @@ class Model:
         state, self.description = read_model_folder(folder)
         net = network(tuple(self.description["network"]["widths"]), tuple(self.description["network"]["depths"]))
         net.load_state_dict(state)
-        self.features = penultimate(net.eval())
+        self.net = net.eval()
+        self.penultimate = penultimate(self.net)
         self.classifier = pickle.loads((Path(folder) / self.description["classifier"]["file"]).read_bytes())
         self.prior = np.asarray(self.description["classifier"]["prior"], dtype=float)
         self.classes: list[str] = self.description["classes"]
         self.algorithm = Algorithm(f"dicomnode marrow ({self.description['classifier']['name']})", self.description["version"])
 
     def probabilities(self, crops: np.ndarray) -> np.ndarray:
-        """[crop, class] probabilities of crops [crop, 3, 64, 64]."""
-        from training.datasets.marrow import standardise
+        """[crop, class] probabilities of crops [crop, 3, 64, 64] from `vertebra_crop`."""
         from training.trainers.marrow import features
 
-        return self.classifier.predict_proba(features(self.features.net, standardise(crops)))
+        return self.classifier.predict_proba(features(self.net, crops))
 
     def explain(self, crop: np.ndarray, class_index: int) -> np.ndarray:
         """Grad-CAM of one class on one crop. For a linear classifier (logistic regression behind a
@@ -75,16 +75,15 @@ class Model:
         import torch
 
         from pipelines.explain import grad_cam
-        from training.datasets.marrow import standardise
 
         scaler, final = self.classifier[0], self.classifier[-1]
         if hasattr(final, "coef_") and len(final.coef_) == len(self.classes):
             w = torch.tensor(final.coef_[class_index] / scaler.scale_, dtype=torch.float32)
             decision = lambda f: (f[0] * w).sum()  # noqa: E731
         else:
-            head = self.features.net.classifier[2]
+            head = self.net.classifier[2]
             decision = lambda f: head(f)[0, class_index]  # noqa: E731
-        return grad_cam(self.features, GRADCAM_LAYER, torch.from_numpy(standardise(crop[None])), decision)
+        return grad_cam(self.penultimate, GRADCAM_LAYER, torch.from_numpy(np.ascontiguousarray(crop[None])), decision)
 
 
 @functools.lru_cache(maxsize=1)

@@ -16,13 +16,14 @@ from training.datasets.spine_seg import normalise
 
 CLASSES = ("normal", "modic1", "modic2", "modic3", "lesion")  # training/phantom/pathology.py MARROW_TYPES
 LEVELS = ("L1", "L2", "L3", "L4", "L5", "S1")
+CROP_VERSION = 2  # part of the crop cache's name: raise it when crops change (2: standardised)
 CROP = 64  # pixels a side
 MARGIN = 1.3  # crop side / the body's larger extent on its middle slice
 
 
 def standardise(crops: np.ndarray) -> np.ndarray:
     """Each crop to zero mean and unit variance (over its three channels): the marrow signal is
-    judged against the crop's own range, whatever the series' scaling. Idempotent."""
+    judged against the crop's own range, whatever the series' scaling."""
     axes = tuple(range(crops.ndim - 3, crops.ndim))
     mean, std = crops.mean(axis=axes, keepdims=True), crops.std(axis=axes, keepdims=True)
     return ((crops - mean) / np.maximum(std, 1e-6)).astype(np.float32)
@@ -60,7 +61,7 @@ class Crops:
             getattr(self, name).extend(getattr(other, name))
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
-        return standardise(np.stack(self.images)), np.asarray(self.labels)
+        return np.stack(self.images), np.asarray(self.labels)
 
 
 def phantom_crops(seed: int, jitter: int = 0) -> Crops:

@@ -34,7 +34,8 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     out.mkdir(parents=True, exist_ok=True)
     held = collect(seeds, 0, cache, 2, "held-out studies")
     x, y = held.arrays()
-    probs = model.probabilities(x)
+    f_held = features(model.net, x)
+    probs = model.classifier.predict_proba(f_held)
     truth, fused = by_body(held, probs, model.prior)
     m: dict = {"studies": len(seeds), "bodies": len(truth), "crops": len(y), "classifier": d["classifier"]["name"],
                "per_body": binary_scores(truth, fused)}
@@ -48,8 +49,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     cfg = MarrowConfig(**{k: v for k, v in d["training"].items() if k in MarrowConfig.__dataclass_fields__})
     train_crops = collect(cfg.train_seeds, cfg.jitter, cache, 2, "training studies (features for the nine)")
     xt, yt = train_crops.arrays()
-    f_train, f_held = features(model.features.net, xt), features(model.features.net, x)
-    table, _ = compare(f_train, yt, f_held, held, cfg.seed)
+    table, _ = compare(features(model.net, xt), yt, f_held, held, cfg.seed)
     m["nine_classifiers"] = {name: scores["per_body"] for name, scores in table.items()}
     m["end_to_end"] = _end_to_end(model, seeds[:end_to_end]) if end_to_end else {}
     _gradcam_examples(model, held, probs, out / "gradcam_examples.png")

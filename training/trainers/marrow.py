@@ -1,6 +1,7 @@
 """Training of `marrow` (seed 000): a small ConvNeXt learns the five marrow classes from vertebral
-body crops of phantom studies (batches half normal, half changed bodies); its penultimate-layer features then train the nine classical
-classifiers of the paper, compared on validation studies; the best one ships with the backbone."""
+body crops of phantom studies (batches half normal, half changed bodies); its penultimate-layer
+features then train the nine classical classifiers of the paper, compared on validation studies;
+the best one ships with the backbone."""
 
 from __future__ import annotations
 
@@ -139,7 +140,7 @@ def compare(f: np.ndarray, y: np.ndarray, f_test: np.ndarray, test: data.Crops, 
 
 def collect(seeds: list[int], jitter: int, cache: Path, workers: int, desc: str) -> data.Crops:
     """Crops of the given phantom studies, cached (rendering takes minutes)."""
-    path = cache / f"marrow-{min(seeds)}-{max(seeds)}-{len(seeds)}-j{jitter}-v{PHANTOM_DATA_VERSION}.pkl"
+    path = cache / f"marrow-{min(seeds)}-{max(seeds)}-{len(seeds)}-j{jitter}-v{PHANTOM_DATA_VERSION}-c{data.CROP_VERSION}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     crops = data.Crops()
@@ -166,8 +167,8 @@ def train(cfg: MarrowConfig, out: Path, cache: Path) -> Path:
     val_crops = collect(cfg.validation_seeds, 0, cache, cfg.workers, "validation studies")
     x, y = train_crops.arrays()
     xv, yv = val_crops.arrays()
-    log.info("marrow: %d training crops %s, %d validation crops", len(y), np.bincount(y, minlength=5).tolist(), len(yv))
     counts = np.bincount(y, minlength=len(data.CLASSES)).astype(float)
+    log.info("marrow: %d training crops %s, %d validation crops", len(y), counts.astype(int).tolist(), len(yv))
     if not counts.all():
         missing = [c for c, n in zip(data.CLASSES, counts) if not n]
         raise ValueError(f"the training studies hold no {', '.join(missing)} example: train on more phantom seeds")
@@ -193,7 +194,7 @@ def train(cfg: MarrowConfig, out: Path, cache: Path) -> Path:
         "classes": list(data.CLASSES), "levels": list(data.LEVELS),
         "input": {"crop_pixels": data.CROP, "margin": data.MARGIN,
                   "channels": "the body's middle sagittal slice and one neighbour on either side"},
-        "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
+        "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; then each crop to zero mean, unit variance",
         "classifier": {"name": best, "file": CLASSIFIER_FILE, "prior": implied_prior(fitted[best], counts).tolist(),
                        "scikit_learn": sklearn.__version__},
         "validation": {"seeds": [min(cfg.validation_seeds), max(cfg.validation_seeds)], "crops": len(yv),
