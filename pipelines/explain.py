@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
 
 def grad_cam(net: torch.nn.Module, layer: str, x: torch.Tensor, decision: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
@@ -39,3 +40,13 @@ def segmentation_decision(class_index: int, region: np.ndarray) -> Callable[[tor
     def score(logits: torch.Tensor) -> torch.Tensor:
         return (logits[0, class_index] * where.to(logits.device)).sum()
     return score
+
+
+def crop_to_slice(heatmap: np.ndarray, points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A crop's map back onto its source slice; the crop was sampled at `points` [2, n, n] (row, col),
+    an axis-aligned square grid on that slice."""
+    r0, c0 = points[0, 0, 0], points[1, 0, 0]
+    dr, dc = points[0, 1, 0] - r0, points[1, 0, 1] - c0
+    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
+    out = ndimage.map_coordinates(heatmap, [(rows - r0) / dr, (cols - c0) / dc], order=1, mode="constant", cval=0.0)
+    return np.clip(out, 0, 1).astype(np.float32)

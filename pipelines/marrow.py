@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from pipelines.registry import Pipeline, register
 from pipelines.series import NoUsableSeries, Series, read_series
@@ -107,18 +106,10 @@ class BodyResult:
     explanation: Explanation | None = None
 
 
-def _to_slice(heatmap: np.ndarray, points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """A crop's map back onto its source slice: the crop is an axis-aligned square of that slice."""
-    r0, c0 = points[0, 0, 0], points[1, 0, 0]
-    dr, dc = points[0, 1, 0] - r0, points[1, 0, 1] - c0
-    rows, cols = np.mgrid[0:shape[0], 0:shape[1]].astype(float)
-    out = ndimage.map_coordinates(heatmap, [(rows - r0) / dr, (cols - c0) / dc], order=1, mode="constant", cval=0.0)
-    return np.clip(out, 0, 1).astype(np.float32)
-
-
 def classify(study: list[Series], model: Model | None = None) -> tuple[list[BodyResult], list[str], Series]:
     """Per body L1-S1 the fused class probabilities, with a Grad-CAM of the decision on the
     reference series; problems found; the reference series."""
+    from pipelines.explain import crop_to_slice
     from pipelines.spine_seg import segment
     from training.datasets.marrow import vertebra_crop
     from training.datasets.spine_seg import normalise
@@ -153,7 +144,7 @@ def classify(study: list[Series], model: Model | None = None) -> tuple[list[Body
         if lv in crops_ref:
             crop, k, points = crops_ref[lv]
             decided = int(np.argmax(fused))
-            heat = _to_slice(model.explain(crop, decided), points, ref.volume.shape[1:])
+            heat = crop_to_slice(model.explain(crop, decided), points, ref.volume.shape[1:])
             r.explanation = Explanation(str(ref.datasets[k].SOPInstanceUID), heat, f"marrow {lv}: {model.classes[decided]}")
         results.append(r)
     return results, problems, ref

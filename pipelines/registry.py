@@ -28,7 +28,7 @@ class Pipeline:
 
 
 _REGISTRY: dict[str, Pipeline] = {}
-BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis", "pipelines.marrow")  # imported on first lookup; torch only when they run
+BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis", "pipelines.marrow", "pipelines.herniation")  # imported on first lookup; torch only when they run
 
 
 def register(p: Pipeline) -> Pipeline:

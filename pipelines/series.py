@@ -29,6 +29,12 @@ class Series:
     def uids(self) -> list[str]:
         return [str(d.SOPInstanceUID) for d in self.datasets]
 
+    @property
+    def slice_spacing(self) -> float:
+        """mm between neighbouring slice centres (along the normal, as the slices are sorted)."""
+        ipp = np.asarray([d.ImagePositionPatient for d in self.datasets[:2]], dtype=float)
+        return float(np.linalg.norm(ipp[1] - ipp[0]))
+
     def patient_points(self, k: int, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
         """Patient coordinates (mm) of pixel centres (row, col) on slice k."""
         ds = self.datasets[k]

@@ -17,6 +17,7 @@ class RenderedSeries:
     pixels: np.ndarray  # float32 [slice, row, col] as the scanner would store them
     labels: np.ndarray  # uint8 phantom label values, same shape
     spacing: tuple[float, float]  # (between rows, between columns) in mm
+    slice_spacing: float  # mm between neighbouring slice centres
 
 
 def phantom_series(seed: int, options: PhantomOptions) -> Iterator[RenderedSeries]:
@@ -32,4 +33,5 @@ def phantom_series(seed: int, options: PhantomOptions) -> Iterator[RenderedSerie
         labels, _, clean = render_series(d.shapes, a.planes, signals)
         ref = float(signals[1:].max())
         pixels = quantise(degrade(clean, a.degradation, ref), a.degradation, ref).astype(np.float32)
-        yield RenderedSeries(d, a.contrast.name, pixels, labels, tuple(a.planes[0].pixel_spacing))
+        between = float(np.linalg.norm(a.planes[1].position - a.planes[0].position)) if len(a.planes) > 1 else 1.0
+        yield RenderedSeries(d, a.contrast.name, pixels, labels, tuple(a.planes[0].pixel_spacing), between)

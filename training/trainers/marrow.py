@@ -42,7 +42,8 @@ class MarrowConfig:
     workers: int = 2
 
 
-def network(widths: tuple[int, ...] = MarrowConfig.widths, depths: tuple[int, ...] = MarrowConfig.depths) -> torch.nn.Module:
+def network(widths: tuple[int, ...] = MarrowConfig.widths, depths: tuple[int, ...] = MarrowConfig.depths,
+            classes: int = len(data.CLASSES)) -> torch.nn.Module:
     """A ConvNeXt (Liu et al. 2022) sized for CPU training on 64-pixel crops."""
     from torchvision.models.convnext import CNBlockConfig, ConvNeXt
 
@@ -50,7 +51,7 @@ def network(widths: tuple[int, ...] = MarrowConfig.widths, depths: tuple[int, ..
               for i, (w, d) in enumerate(zip(widths, depths))]
     # layer scale 0.1 rather than ConvNeXt's 1e-6: from scratch on a few thousand crops, blocks that
     # start as near-identities barely learn in a CPU-sized schedule
-    return ConvNeXt(stages, stochastic_depth_prob=0.05, layer_scale=0.1, num_classes=len(data.CLASSES))
+    return ConvNeXt(stages, stochastic_depth_prob=0.05, layer_scale=0.1, num_classes=classes)
 
 
 def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.ndarray:
