@@ -1,7 +1,9 @@
 """spine-seg + lordosis on one 15-slice 512x512 sagittal T2 series: seconds from DICOM files to
 SEG + SR written, after the model is loaded, and peak memory; on the CPU, and on the GPU when
-there is one. Then `marrow` on a whole phantom study (sagittal T2, T1, STIR): files to SR and
-Grad-CAM maps, spine-seg on each series included.
+there is one. Then, on a whole phantom study (sagittal T2, T1, STIR), each study pipeline alone
+(`marrow`, `disc-herniation`: files to SR and Grad-CAM maps, spine-seg included) and all four
+pipelines together as the node runs them for one rule (`process` with spine-seg, lordosis, marrow
+and disc-herniation; spine-seg's result on a series is shared, as in the node).
 
 Run: `.venv/bin/python bench/bench_pipelines.py [--runs 5] [--device cpu|cuda]`; prints Markdown
 rows for docs/BENCHMARKS.md and writes bench/results/pipelines-<device>.json.
@@ -19,15 +21,32 @@ import tempfile
 import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from pipelines import lordosis, marrow, spine_seg
+from dicomnode.config import load_config
+from dicomnode.process import process_folder
+from pipelines import herniation, lordosis, marrow, spine_seg
 from structured_reports.model import ResultOptions
 from training.phantom.acquisition import acquisitions
 from training.phantom.generator import PhantomOptions, design_study, generate_study
 
 OPTIONS = PhantomOptions(contrasts=("T2",), max_matrix=512)
+ALL = ("spine-seg", "lordosis", "marrow", "disc-herniation")
+
+
+def timed(work: Callable[[Path], object], out: Path, runs: int) -> list[float]:
+    """Seconds of `work(folder)` over `runs` runs after one warm-up (allocator, kernels); spine-seg's kept result is
+    dropped before each, so every run segments afresh."""
+    times = []
+    for run in range(runs + 1):
+        spine_seg._cache.clear()
+        t = time.perf_counter()
+        work(out / str(run))
+        if run:
+            times.append(time.perf_counter() - t)
+    return times
 
 
 def series_512x15(tmp: Path) -> list[Path]:
@@ -54,25 +73,23 @@ def main() -> None:
         t = time.perf_counter()
         model = spine_seg.load_model(device=args.device)
         load_s = time.perf_counter() - t
-        times = []
-        for run in range(args.runs + 1):  # the first run warms up (allocator, kernels) and is not counted
-            spine_seg._cache.clear()
-            out = tmp / f"out{run}"
-            t = time.perf_counter()
-            produced = spine_seg.run(files, out / "seg", ResultOptions()) + lordosis.run(files, out / "lordosis", ResultOptions())
-            if run:
-                times.append(time.perf_counter() - t)
+        produced: list[Path] = []
+
+        def both(out: Path) -> None:
+            produced[:] = spine_seg.run(files, out / "seg", ResultOptions()) + lordosis.run(files, out / "lordosis", ResultOptions())
+
+        times = timed(both, tmp / "series", args.runs)
         assert [p.name for p in produced] == ["seg.dcm", "sr.dcm"], produced
         generate_study(tmp / "three", 7000, PhantomOptions(contrasts=("T2", "T1", "STIR"), max_matrix=512), write_tissue=False)
         study = sorted((tmp / "three" / "dicom").rglob("*.dcm"))
         marrow.load_model()
-        marrow_times = []
-        for run in range(args.runs + 1):
-            spine_seg._cache.clear()
-            t = time.perf_counter()
-            marrow.run(study, tmp / f"marrow{run}", ResultOptions())
-            if run:
-                marrow_times.append(time.perf_counter() - t)
+        herniation.load_model()
+        study_times = {name: timed(lambda out, run=run: run(study, out, ResultOptions()), tmp / name, args.runs)
+                       for name, run in (("marrow", marrow.run), ("disc-herniation", herniation.run))}
+        cfg = load_config(None)
+        cfg.rules[0].pipelines = list(ALL)
+        study_times["all"] = timed(lambda out: process_folder(tmp / "three" / "dicom", out, cfg),
+                                   tmp / "all", args.runs)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     gpu = ""
     if model.device.type == "cuda":
@@ -82,13 +99,17 @@ def main() -> None:
     row = {"date": str(date.today()), "machine": f"{platform.machine()}, {os.cpu_count()} cores{gpu}",
            "device": model.device.type, "model_load_s": round(load_s, 2), "median_s": round(float(np.median(times)), 2),
            "min_s": round(min(times), 2), "runs": len(times), "peak_rss_mb": round(peak_mb),
-           "marrow_study_slices": len(study), "marrow_median_s": round(float(np.median(marrow_times)), 2),
-           "marrow_min_s": round(min(marrow_times), 2)}
+           "study_images": len(study),
+           **{f"{name}_median_s": round(float(np.median(t)), 2) for name, t in study_times.items()},
+           **{f"{name}_min_s": round(min(t), 2) for name, t in study_times.items()}}
     print("| date | machine | device | model load s | files -> SEG + SR, median s (min) | peak RSS MB |\n|---|---|---|---|---|---|")
     print(f"| {row['date']} | {row['machine']} | {row['device']} | {row['model_load_s']} | {row['median_s']} ({row['min_s']}) "
           f"| {row['peak_rss_mb']} |")
-    print(f"\nmarrow on a {row['marrow_study_slices']}-image study (T2, T1, STIR; spine-seg on each series): "
-          f"median {row['marrow_median_s']} s (min {row['marrow_min_s']}); peak RSS above covers the whole run")
+    print(f"\nOn a {row['study_images']}-image study (T2, T1, STIR), files to result objects, median s (min):")
+    for name in study_times:
+        print(f"- {name if name != 'all' else ' + '.join(ALL) + ' (one rule, as the node runs them)'}: "
+              f"{row[f'{name}_median_s']} ({row[f'{name}_min_s']})")
+    print("Peak RSS above covers the whole run.")
     results = Path(__file__).parent / "results"
     results.mkdir(exist_ok=True)
     (results / f"pipelines-{row['device']}.json").write_text(json.dumps(row, indent=1))

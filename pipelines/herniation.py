@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.registry import Pipeline, register
-from pipelines.series import Series, pick_series
+from pipelines.series import NoUsableSeries, Series, read_series
 from structured_reports.model import Algorithm, Explanation, Finding, Region, ResultOptions
 from structured_reports.writer import write_results
 from training.datasets import discs as data
@@ -175,10 +175,20 @@ def findings(results: list[DiscResult], sop_uid: str) -> tuple[list[Finding], di
     return out, summary
 
 
+def t2_series(files: list[Path]) -> Series:
+    """The sagittal T2 series among the files (seed 004 reads mid-sagittal T2; so were the models trained)."""
+    series = read_series(files)
+    for s in series:
+        if s.weighting == "T2":
+            return s
+    found = ", ".join(f"{s.weighting} '{s.description}'" for s in series) or "no sagittal MR series"
+    raise NoUsableSeries(f"disc-herniation reads a sagittal T2 series; the files hold {found}")
+
+
 def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     from pipelines.spine_seg import write_findings
 
-    series = pick_series(files)
+    series = t2_series(files)
     model = load_model()
     results, problems, mid = classify(series, model)
     sop_uid = str(series.datasets[mid].SOPInstanceUID)
@@ -193,4 +203,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
                          explanations=[Explanation(sop_uid, heat, decision)])
 
 
-register(Pipeline("disc-herniation", run, device="gpu", version="1.0"))
+register(Pipeline("disc-herniation", run, device="gpu", version="1.0", scope="study"))  # finds the T2 series itself

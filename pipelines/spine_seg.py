@@ -265,13 +265,14 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     return out
 
 
-_cache: dict[tuple, Labelled] = {}
+_cache: dict[tuple, Labelled] = {}  # the latest results, oldest first
+CACHE_SERIES = 3  # a study's sagittal T2, T1 and STIR: every study pipeline reuses them
 _cache_lock = threading.Lock()
 
 
 def segment(series: Series, model: Model | None = None) -> Labelled:
-    """Named labels of a series. The last result is kept, so `lordosis` after `spine-seg` on the
-    same series (one study, two jobs) does not run the network twice."""
+    """Named labels of a series. The last few results are kept, so `lordosis`, `marrow` and
+    `disc-herniation` after `spine-seg` on the same study do not run the network again."""
     model = model or load_model()
     key = (id(model), tuple(series.uids))
     with _cache_lock:
@@ -280,8 +281,9 @@ def segment(series: Series, model: Model | None = None) -> Labelled:
     classes = np.argmax(model.probabilities(series), axis=0).astype(np.uint8)
     result = name_levels(classes, series)
     with _cache_lock:
-        _cache.clear()
         _cache[key] = result
+        while len(_cache) > CACHE_SERIES:
+            del _cache[next(iter(_cache))]
     return result
 
 

@@ -11,7 +11,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipelines.marrow import MODEL_DIR, Model, _to_slice, fuse
+from pipelines.explain import crop_to_slice
+from pipelines.marrow import MODEL_DIR, Model, fuse
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
 from training.datasets.marrow import CLASSES, CROP, vertebra_crop
@@ -34,7 +35,7 @@ def test_a_crop_is_centred_on_its_body_and_its_map_lands_back_on_the_body() -> N
     assert rows.min() > 2 and cols.min() > 2 and rows.max() < CROP - 3 and cols.max() < CROP - 3
     heat = np.zeros((CROP, CROP), dtype=np.float32)
     heat[rows.min():rows.max() + 1, cols.min():cols.max() + 1] = 1.0
-    back = _to_slice(heat, points, volume.shape[1:])
+    back = crop_to_slice(heat, points, volume.shape[1:])
     hit = back > 0.5
     overlap = (hit & mask[2]).sum() / hit.sum()
     assert overlap > 0.9 and (hit & mask[2]).sum() / mask[2].sum() > 0.8

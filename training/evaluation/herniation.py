@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipelines.herniation import Model, box_iou, classify
+from pipelines.herniation import Model, box_iou, classify, t2_series
 from training.datasets import discs as data
 from training.evaluation.metrics import confusion, roc
 from training.trainers.herniation import collect, probabilities
@@ -63,7 +63,6 @@ def _truth_boxes(folder: Path, series, k: int) -> dict[str, data.Box]:
 
 def end_to_end(model: Model, seeds: list[int]) -> dict:
     """The pipeline on DICOM studies with boxes from the detector and from the segmentation."""
-    from pipelines.series import pick_series
     from training.phantom.generator import PhantomOptions, generate_study
 
     found: dict[str, dict[str, list]] = {s: {"truth": [], "p": [], "iou": [], "missing": []} for s in ("detector", "segmentation")}
@@ -72,7 +71,7 @@ def end_to_end(model: Model, seeds: list[int]) -> dict:
             folder = Path(tmp) / str(seed)
             generate_study(folder, seed, PhantomOptions(contrasts=("T2",), max_matrix=384), write_tissue=False)
             levels = json.loads((folder / "truth" / "truth.json").read_text())["levels"]
-            series = pick_series(sorted((folder / "dicom").rglob("*.dcm")))
+            series = t2_series(sorted((folder / "dicom").rglob("*.dcm")))
             for source, f in found.items():
                 results, _, mid = classify(series, model, boxes=source)
                 true_boxes = _truth_boxes(folder, series, mid)
