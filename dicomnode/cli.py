@@ -16,6 +16,12 @@ from dicomnode import __version__
 def _phantom(args: argparse.Namespace) -> int:
     from training.phantom.generator import PhantomOptions, generate_study
 
+    if args.layout == "rsna":
+        from training.datasets.rsna import write_fixture
+
+        root = write_fixture(Path(args.out), list(range(args.seed, args.seed + args.count)), args.max_matrix)
+        print(f"{args.count} studies (sagittal T1, sagittal T2, axial T2) in the RSNA 2024 LSDC layout -> {root}")
+        return 0
     contrasts = tuple(c.strip().upper() for c in args.contrasts.split(",") if c.strip())
     bad = [c for c in contrasts if c not in ("T1", "T2", "STIR")]
     if bad:
@@ -217,6 +223,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg.validation_seeds = _seeds(args.validation_seeds)
         cfg.iterations = args.iterations or cfg.iterations
         cfg.epochs = args.epochs or cfg.epochs
+        cfg.data_dir = args.data
         print(f"model folder written: {train_herniation(cfg, Path(args.out), Path(args.cache))}")
         return 0
     from training.datasets.real_lumbar import load_cases, split
@@ -293,6 +300,9 @@ def build_parser() -> argparse.ArgumentParser:
     ph.add_argument("--study-class", choices=["healthy", "herniated_disc", "spinal_stenosis", "spondylosis"])
     ph.add_argument("--lordosis", type=float, help="L1-S1 lordosis in degrees (default: drawn from 10-80)")
     ph.add_argument("--max-matrix", type=int, default=640, help="largest acquisition matrix to draw")
+    ph.add_argument("--layout", choices=["dicomnode", "rsna"], default="dicomnode",
+                    help="rsna: the RSNA 2024 LSDC layout (train.csv, coordinates, train_images/; "
+                         "sagittal T1 and T2 and axial T2, whatever --contrasts says)")
     ph.set_defaults(func=_phantom)
 
     rd = sub.add_parser("real-to-dicom", help="write real cases (shared/data/real_lumbar) as DICOM series")
@@ -352,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
     tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation 1500 per CNN")
     tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (60)")
+    tr.add_argument("--data", help="disc-herniation: your own data instead of the phantom: region/ and discs/ (YOLO "
+                    "folders with train and val splits) and crops/{train,val}/{normal,herniated}/ (images)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")

@@ -152,3 +152,22 @@ def test_training_writes_a_model_folder_that_detects_and_classifies(tmp_path: Pa
     assert region is None or len(region) == 4
     d = json.loads((folder / "model.json").read_text())
     assert d["training"]["train_seeds"] == cfg.train_seeds and set(d["validation"]["classifiers"]) >= {"ensemble"}
+
+
+def test_training_from_a_users_yolo_and_class_folders(tmp_path: Path) -> None:
+    from training.trainers.herniation import HerniationConfig, train
+
+    root = tmp_path / "data"
+    for split, seeds in (("train", [7000, 7001, 7002]), ("val", [7300])):
+        samples = data.DiscSamples()
+        for seed in seeds:
+            samples.extend(data.phantom_samples(seed, study_class="herniated_disc"))
+        data.write_yolo_folder(root / "region", split, samples.region_images, samples.region_boxes, data.REGION_NAMES)
+        data.write_yolo_folder(root / "discs", split, samples.disc_images, samples.disc_boxes, data.DISC_NAMES)
+        data.write_class_folders(root / "crops" / split, *samples.arrays())
+    cfg = HerniationConfig(epochs=1, iterations=20, data_dir=str(root))
+    d = json.loads((train(cfg, tmp_path / "model", tmp_path / "cache") / "model.json").read_text())
+    assert d["validation"]["data"] == str(root) and d["training"]["crops"] == 15
+    (root / "discs" / "labels" / "val" / "000000.txt").write_text("0 0.5\n")
+    with pytest.raises(ValueError, match=r"000000.txt:1: expected"):
+        train(cfg, tmp_path / "again", tmp_path / "cache")

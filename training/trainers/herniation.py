@@ -48,6 +48,7 @@ class HerniationConfig:
     lr: float = 1e-3
     seed: int = 0
     workers: int = 2
+    data_dir: str | None = None  # train from a user's folders instead of the phantom (see `user_data`)
 
 
 def member(name: str) -> torch.nn.Module:
@@ -179,25 +180,49 @@ def train_member(name: str, x: np.ndarray, y: np.ndarray, cfg: HerniationConfig,
     return net.eval(), float(np.mean(losses[-100:]))
 
 
-def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
-    rng = seed_everything(cfg.seed)
-    t0 = time.time()
+def phantom_data(cfg: HerniationConfig, cache: Path) -> tuple[dict[str, Path], tuple, tuple]:
+    """Phantom studies rendered into YOLO folders (data.yaml per stage) and crop arrays."""
     tr = collect(cfg.train_seeds, cfg.jitter, cfg.enrich, cache, cfg.workers, "training studies")
     va = collect(cfg.validation_seeds, 0, 0, cache, cfg.workers, "validation studies")
     work = cache / "disc-herniation-yolo"
     shutil.rmtree(work, ignore_errors=True)
-    detectors = {}
+    yolo = {}
     for stage, images, boxes, names in (("region", "region_images", "region_boxes", data.REGION_NAMES),
                                         ("discs", "disc_images", "disc_boxes", data.DISC_NAMES)):
         data.write_yolo_folder(work / stage, "train", getattr(tr, images), getattr(tr, boxes), names)
-        data_yaml = data.write_yolo_folder(work / stage, "val", getattr(va, images), getattr(va, boxes), names)
-        log.info("disc-herniation: training the %s detector (%d images, %d epochs)", stage, len(getattr(tr, images)), cfg.epochs)
-        best, map50 = train_detector(data_yaml, cfg, work / "runs", stage)
+        yolo[stage] = data.write_yolo_folder(work / stage, "val", getattr(va, images), getattr(va, boxes), names)
+    return yolo, tr.arrays(), va.arrays()
+
+
+def user_data(root: Path) -> tuple[dict[str, Path], tuple, tuple]:
+    """A user's own data: `region/` and `discs/` YOLO folders (data.yaml, train and val splits) and
+    `crops/{train,val}/{normal,herniated}/` images. Every label file is read first, so a malformed
+    one stops training before it starts."""
+    yolo = {}
+    for stage in ("region", "discs"):
+        if not (root / stage / "data.yaml").exists():
+            raise FileNotFoundError(f"{root / stage / 'data.yaml'} is missing: {stage}/ must be a YOLO folder")
+        for split in ("train", "val"):
+            if not data.read_yolo_folder(root / stage, split):
+                raise ValueError(f"{root / stage / 'images' / split} holds no images")
+        yolo[stage] = root / stage / "data.yaml"
+    return yolo, data.read_class_folders(root / "crops" / "train"), data.read_class_folders(root / "crops" / "val")
+
+
+def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
+    rng = seed_everything(cfg.seed)
+    t0 = time.time()
+    if cfg.data_dir:
+        yolo, (x, y), (xv, yv) = user_data(Path(cfg.data_dir))
+    else:
+        yolo, (x, y), (xv, yv) = phantom_data(cfg, cache)
+    detectors = {}
+    for stage, data_yaml in yolo.items():
+        log.info("disc-herniation: training the %s detector (%d epochs)", stage, cfg.epochs)
+        best, map50 = train_detector(data_yaml, cfg, cache / "disc-herniation-runs", stage)
         out.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(best, out / f"{stage}.pt")
         detectors[stage] = {"file": f"{stage}.pt", "imgsz": cfg.imgsz, "validation_map50": map50}
-    x, y = tr.arrays()
-    xv, yv = va.arrays()
     log.info("disc-herniation: %d training crops (%d herniated), %d validation crops (%d herniated)",
              len(y), int(y.sum()), len(yv), int(yv.sum()))
     nets, val_probs, losses = {}, {}, {}
@@ -219,7 +244,8 @@ def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
                   "slice": "mid-sagittal: the slice through most of the vertebral bodies"},
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; detectors see it as 8-bit; "
                          "each crop to zero mean, unit variance",
-        "validation": {"seeds": [min(cfg.validation_seeds), max(cfg.validation_seeds)], "crops": len(yv),
+        "validation": {"seeds": [min(cfg.validation_seeds), max(cfg.validation_seeds)] if not cfg.data_dir else None,
+                       "data": cfg.data_dir or "phantom", "crops": len(yv),
                        "herniated": int(yv.sum()), "classifiers": validation},
         "training": {**asdict(cfg), "crops": len(y), "herniated": int(y.sum()), "final_loss": losses,
                      "seconds": round(time.time() - t0, 1)},
