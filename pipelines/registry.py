@@ -28,7 +28,8 @@ class Pipeline:
 
 
 _REGISTRY: dict[str, Pipeline] = {}
-BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis", "pipelines.marrow", "pipelines.herniation")  # imported on first lookup; torch only when they run
+BUILTIN = ("pipelines.spine_seg", "pipelines.lordosis", "pipelines.marrow", "pipelines.herniation",
+           "pipelines.degeneration")  # imported on first lookup; torch only when they run
 
 
 def register(p: Pipeline) -> Pipeline:

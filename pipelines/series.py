@@ -62,12 +62,12 @@ def weighting(ds: pydicom.Dataset) -> str:
 PREFERENCE = {"T2": 0, "T1": 1, "STIR": 2, "other": 3}
 
 
-def read_series(files: list[Path]) -> list[Series]:
-    """Every sagittal MR series among `files` (with pixel data), best weighting first."""
+def read_series(files: list[Path], plane: str = "sagittal") -> list[Series]:
+    """Every MR series in `plane` (sagittal, axial, coronal) among `files` (with pixel data), best weighting first."""
     groups: dict[str, list[pydicom.Dataset]] = defaultdict(list)
     for p in files:
         ds = pydicom.dcmread(p)
-        if ds.get("Modality") == "MR" and "PixelData" in ds and orientation(ds.get("ImageOrientationPatient")) == "sagittal":
+        if ds.get("Modality") == "MR" and "PixelData" in ds and orientation(ds.get("ImageOrientationPatient")) == plane:
             groups[str(ds.SeriesInstanceUID)].append(ds)
     out = []
     for items in groups.values():

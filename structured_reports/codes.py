@@ -82,6 +82,7 @@ FINDINGS: dict[str, Code] = {
     "marrow_lesion": private("MLES", "Focal vertebral bone marrow lesion"),
     "spondylolisthesis": private("SPL", "Spondylolisthesis"),
     "lumbar_lordosis": private("LORD", "Lumbar lordosis"),
+    "study_class": private("SCLS", "Lumbar spine study class"),  # seed 001's four classes, site: lumbar spine
 }
 GRADES: dict[str, Code] = {
     "normal": Code("17621005", "SCT", "Normal"),
@@ -101,6 +102,10 @@ GRADES: dict[str, Code] = {
     "hypolordosis": private("L-HYPO", "Hypolordosis"),
     "normal_lordosis": private("L-NORM", "Normal lordosis"),
     "hyperlordosis": private("L-HYPER", "Hyperlordosis"),
+    "healthy": private("C-HLTH", "Healthy lumbar spine"),
+    "herniated_disc": private("C-HERN", "Herniated disc"),
+    "spinal_stenosis": private("C-STEN", "Spinal stenosis"),
+    "spondylosis": private("C-SPOND", "Spondylosis"),
 }
 GRADE = private("GRADE", "Grade")  # concept name of the qualitative evaluation that carries a grade
 PROBABILITY = Code("122157", "DCM", "Probability")

@@ -94,3 +94,40 @@ def roc(truth: Sequence[bool], scores: Sequence[float], path: Path, title: str) 
     fig.savefig(path)
     plt.close(fig)
     return auc
+
+
+RSNA_WEIGHTS = (1.0, 2.0, 4.0)  # normal-mild, moderate, severe
+RSNA_GROUPS = {"spinal_canal_stenosis": ("spinal_canal_stenosis",),
+               "neural_foraminal_narrowing": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
+               "subarticular_stenosis": ("left_subarticular_stenosis", "right_subarticular_stenosis")}
+
+
+def rsna_score(truth: dict[str, dict], probs: dict[str, dict]) -> dict[str, float]:
+    """The RSNA 2024 LSDC metric: per condition group, the log loss with sample weights 1 / 2 / 4 by
+    the true grade (normal-mild / moderate / severe), normalised by the weights; and "any severe
+    spinal": per study, is any level's canal stenosis severe, scored by the largest P(severe) over its
+    levels, weights 1 / 4. `score` is the mean of the four. `truth[condition][(study, level)]` is a
+    grade index, `probs[...]` the three probabilities."""
+    out: dict[str, float] = {}
+    for group, conditions in RSNA_GROUPS.items():
+        keys = [(c, k) for c in conditions for k in truth[c] if k in probs[c]]
+        if not keys:
+            continue
+        t = np.array([truth[c][k] for c, k in keys])
+        p = np.clip(np.array([probs[c][k][truth[c][k]] for c, k in keys]), 1e-15, 1)
+        w = np.array(RSNA_WEIGHTS)[t]
+        out[group] = float(-(w * np.log(p)).sum() / w.sum())
+    studies: dict = {}
+    for (study, _), grade in truth["spinal_canal_stenosis"].items():
+        studies.setdefault(study, [False, 0.0])
+        studies[study][0] |= grade == 2
+    for (study, _), p in probs["spinal_canal_stenosis"].items():
+        if study in studies:
+            studies[study][1] = max(studies[study][1], float(p[2]))
+    if studies:
+        y = np.array([v[0] for v in studies.values()], dtype=float)
+        p = np.clip(np.array([v[1] for v in studies.values()]), 1e-15, 1 - 1e-15)
+        w = np.where(y > 0, 4.0, 1.0)
+        out["any_severe_spinal"] = float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
+    out["score"] = float(np.mean(list(out.values())))
+    return out

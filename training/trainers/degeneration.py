@@ -1,0 +1,199 @@
+"""Training of `degeneration` (seeds 001, 002): one small CNN per view grades its conditions per
+disc level (normal-mild / moderate / severe), trained with the RSNA 2024 sample weights 1 / 2 / 4
+so it learns what the metric rewards; and for the four-class study label (healthy / herniated disc
+/ spinal stenosis / spondylosis), a plain CNN on the mid-sagittal lumbar region and the CNN-SVM
+hybrid of seed 001 (an SVM on that CNN's penultimate features), the better on validation studies
+shipped, both reported.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import pickle
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import sklearn
+import torch
+from tqdm import tqdm
+
+from training.datasets import degeneration as data
+from training.datasets.spine_seg import PHANTOM_DATA_VERSION
+from training.evaluation.metrics import rsna_score
+from training.trainers.common import git_commit, optimise, seed_everything, write_model_folder
+
+log = logging.getLogger("dicomnode.train")
+
+VERSION = "1.0"
+SVM_FILE = "study_svm.pkl"
+SAMPLE_WEIGHTS = (1.0, 2.0, 4.0)  # RSNA 2024: normal-mild, moderate, severe
+GRADCAM_LAYER = "layer2"  # 8x8 on a 64-pixel crop
+
+
+@dataclass
+class DegenerationConfig:
+    train_seeds: list[int] = field(default_factory=lambda: list(range(8000, 8300)))
+    validation_seeds: list[int] = field(default_factory=lambda: list(range(8300, 8360)))
+    iterations: int = 1500  # per network
+    batch: int = 32
+    lr: float = 1e-3
+    seed: int = 0
+    workers: int = 2
+
+
+def network(outputs: int) -> torch.nn.Module:
+    """A small 2-D ResNet (MONAI), three channels in."""
+    from monai.networks.nets import ResNet
+
+    return ResNet(block="basic", layers=[1, 1, 1, 1], block_inplanes=[16, 32, 64, 128], spatial_dims=2,
+                  n_input_channels=3, num_classes=outputs)
+
+
+def penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The ResNet's pooled features (what its last layer and the SVM read)."""
+    for name in ("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
+        x = getattr(net, name)(x)
+    return x.flatten(1)
+
+
+def grade_probabilities(net: torch.nn.Module, crops: np.ndarray, heads: int, batch: int = 256) -> np.ndarray:
+    """[crop, head, grade] probabilities."""
+    net.eval()
+    with torch.inference_mode():
+        out = [torch.softmax(net(torch.from_numpy(crops[i:i + batch])).view(-1, heads, len(data.GRADES)), -1).numpy()
+               for i in range(0, len(crops), batch)]
+    return np.concatenate(out)
+
+
+def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.ndarray:
+    net.eval()
+    with torch.inference_mode():
+        return np.concatenate([penultimate(net, torch.from_numpy(images[i:i + batch])).numpy() for i in range(0, len(images), batch)])
+
+
+def collect(seeds: list[int], cache: Path, workers: int, desc: str) -> data.DegenerationSamples:
+    """Samples of the given phantom studies, cached (rendering takes minutes)."""
+    path = cache / f"degeneration-{min(seeds)}-{max(seeds)}-{len(seeds)}-v{PHANTOM_DATA_VERSION}.pkl"
+    if path.exists():
+        return pickle.loads(path.read_bytes())
+    out = data.DegenerationSamples()
+    with ProcessPoolExecutor(workers) as pool:
+        for s in tqdm(pool.map(functools.partial(data.phantom_samples), seeds), total=len(seeds), desc=desc, unit="study"):
+            out.extend(s)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(pickle.dumps(out))
+    return out
+
+
+def _augment(x: np.ndarray, y: np.ndarray, view: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Up-down flips on sagittal level crops; on axial crops a left-right mirror that swaps the sides'
+    grades; contrast, offset, noise."""
+    if view in ("canal", "foramen") and rng.random() < 0.5:
+        x = x[:, ::-1]
+    if view == "axial" and rng.random() < 0.5:
+        x, y = x[:, :, ::-1], y[::-1]
+    x = x * rng.uniform(0.85, 1.15) + rng.uniform(-0.15, 0.15)
+    return (x + rng.normal(0, rng.uniform(0, 0.15), x.shape)).astype(np.float32), np.ascontiguousarray(y)
+
+
+def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: DegenerationConfig,
+                  rng: np.random.Generator, weights: np.ndarray) -> tuple[torch.nn.Module, float]:
+    """A network with y.shape[1] heads of `classes` outputs; cross-entropy weighted per class by `weights`."""
+    heads = y.shape[1]
+    net = network(heads * classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
+    w = torch.tensor(weights, dtype=torch.float32)
+    losses: list[float] = []
+    net.train()
+    bar = tqdm(range(cfg.iterations), desc=f"degeneration {name}", unit="it")
+    for _ in bar:
+        idx = rng.integers(len(y), size=cfg.batch)
+        pairs = [_augment(x[i], y[i], name, rng) for i in idx]
+        xb = torch.from_numpy(np.stack([p[0] for p in pairs]))
+        yb = torch.from_numpy(np.stack([p[1] for p in pairs])).long()
+        logits = net(xb).view(len(idx), heads, classes)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, classes), yb.reshape(-1), weight=w)
+        optimise(loss, opt, sched, losses, bar)
+    return net.eval(), float(np.mean(losses[-100:]))
+
+
+def study_svm(f: np.ndarray, y: np.ndarray, seed: int = 0):
+    """Seed 001's hybrid: an SVM on the CNN's features (standardised), Platt-calibrated probabilities."""
+    from sklearn.calibration import CalibratedClassifierCV
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
+
+    smallest = int(np.bincount(y, minlength=len(data.STUDY_CLASSES)).min())
+    if smallest < 2:
+        raise ValueError(f"the study label needs at least two training studies of each of {list(data.STUDY_CLASSES)}; "
+                         f"counts {np.bincount(y, minlength=len(data.STUDY_CLASSES)).tolist()}: train on more phantom seeds")
+    svm = CalibratedClassifierCV(SVC(class_weight="balanced", random_state=seed), ensemble=False, cv=min(5, smallest))
+    return make_pipeline(StandardScaler(), svm).fit(f, y)
+
+
+def per_condition(samples: data.DegenerationSamples, probs: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """Truth and probabilities per condition, keyed (study, level), from the per-view arrays."""
+    truth: dict[str, dict] = {c: {} for c in data.CONDITIONS}
+    pred: dict[str, dict] = {c: {} for c in data.CONDITIONS}
+    for view, conditions in data.VIEWS.items():
+        for i, (study, key) in enumerate(samples.keys[view]):
+            if view == "foramen":  # one crop per side, graded for that side's condition
+                side, level = key.split(" ")
+                heads = [(0, f"{side}_neural_foraminal_narrowing")]
+            else:
+                level, heads = key, list(enumerate(conditions))
+            for h, condition in heads:
+                truth[condition][(study, level)] = samples.grades[view][i][h]
+                pred[condition][(study, level)] = probs[view][i, h]
+    return truth, pred
+
+
+def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
+    rng = seed_everything(cfg.seed)
+    t0 = time.time()
+    tr = collect(cfg.train_seeds, cache, cfg.workers, "training studies")
+    va = collect(cfg.validation_seeds, cache, cfg.workers, "validation studies")
+    state, losses, val_probs, counts = {}, {}, {}, {}
+    for view in data.VIEWS:
+        x, y = tr.arrays(view)
+        counts[view] = np.bincount(y.ravel(), minlength=len(data.GRADES)).tolist()
+        net, losses[view] = train_network(view, x, y, len(data.GRADES), cfg, rng, np.array(SAMPLE_WEIGHTS))
+        state.update({f"{view}.{k}": v for k, v in net.state_dict().items()})
+        val_probs[view] = grade_probabilities(net, va.arrays(view)[0], y.shape[1])
+    xs, ys = np.stack(tr.study_images), np.asarray(tr.study_classes)
+    class_weights = len(ys) / (len(data.STUDY_CLASSES) * np.maximum(np.bincount(ys, minlength=len(data.STUDY_CLASSES)), 1))
+    study_net, losses["study"] = train_network("study", xs, ys[:, None], len(data.STUDY_CLASSES), cfg, rng, class_weights)
+    state.update({f"study.{k}": v for k, v in study_net.state_dict().items()})
+    svm = study_svm(features(study_net, xs), ys, cfg.seed)
+    xv, yv = np.stack(va.study_images), np.asarray(va.study_classes)
+    with torch.inference_mode():
+        p_cnn = torch.softmax(study_net(torch.from_numpy(xv)), 1).numpy()
+    p_svm = svm.predict_proba(features(study_net, xv))
+    study_val = {"cnn": float(np.mean(p_cnn.argmax(1) == yv)), "cnn_svm": float(np.mean(p_svm.argmax(1) == yv))}
+    chosen = "cnn_svm" if study_val["cnn_svm"] >= study_val["cnn"] else "cnn"
+    truth, pred = per_condition(va, val_probs)
+    validation = {"rsna": rsna_score(truth, pred), "study_accuracy": study_val}
+    log.info("degeneration: validation %s; study label from %s", validation, chosen)
+    description = {
+        "name": "degeneration", "version": VERSION, "framework": "MONAI ResNet + scikit-learn SVC",
+        "grades": list(data.GRADES), "conditions": list(data.CONDITIONS), "levels": list(data.LEVELS),
+        "study_classes": list(data.STUDY_CLASSES), "views": {v: list(c) for v, c in data.VIEWS.items()},
+        "network": {"block_inplanes": [16, 32, 64, 128], "layers": [1, 1, 1, 1], "gradcam_layer": GRADCAM_LAYER},
+        "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__},
+        "input": {"crop_pixels": data.CROP, "study_crop_pixels": data.STUDY_CROP, "sagittal_side": data.SAGITTAL_SIDE,
+                  "axial_side_mm": data.AXIAL_SIDE_MM, "foramen_mm": data.FORAMEN_MM},
+        "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; then each crop to zero mean, unit variance",
+        "validation": {"seeds": [min(cfg.validation_seeds), max(cfg.validation_seeds)], **validation},
+        "training": {**asdict(cfg), "grade_counts": counts, "study_counts": np.bincount(ys, minlength=4).tolist(),
+                     "final_loss": losses, "seconds": round(time.time() - t0, 1)},
+        "commit": git_commit(), "metrics": {},
+    }
+    write_model_folder(out, state, description)
+    (out / SVM_FILE).write_bytes(pickle.dumps(svm))
+    return out
