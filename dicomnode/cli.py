@@ -212,6 +212,18 @@ def _train(args: argparse.Namespace) -> int:
         cfg.iterations = args.iterations or cfg.iterations
         print(f"model folder written: {train_marrow(cfg, Path(args.out), Path(args.cache))}")
         return 0
+    if args.model == "degeneration":
+        from training.trainers.degeneration import DegenerationConfig
+        from training.trainers.degeneration import train as train_degeneration
+
+        cfg = DegenerationConfig(seed=args.seed)
+        if args.phantom_seeds:
+            cfg.train_seeds = _seeds(args.phantom_seeds)
+        if args.validation_seeds:
+            cfg.validation_seeds = _seeds(args.validation_seeds)
+        cfg.iterations = args.iterations or cfg.iterations
+        print(f"model folder written: {train_degeneration(cfg, Path(args.out), Path(args.cache))}")
+        return 0
     if args.model == "disc-herniation":
         from training.trainers.herniation import HerniationConfig
         from training.trainers.herniation import train as train_herniation
@@ -266,6 +278,12 @@ def _evaluate(args: argparse.Namespace) -> int:
 
             metrics = evaluate_marrow(Path(args.model_folder or MARROW_DIR), Path(args.out),
                                       _seeds(args.phantom_seeds or "5000-5099"), args.end_to_end)
+        elif args.model == "degeneration":
+            from pipelines.degeneration import MODEL_DIR as DEGENERATION_DIR
+            from training.evaluation.degeneration import evaluate as evaluate_degeneration
+
+            metrics = evaluate_degeneration(Path(args.model_folder or DEGENERATION_DIR), Path(args.out),
+                                            _seeds(args.phantom_seeds or "5000-5059"), args.end_to_end)
         elif args.model == "disc-herniation":
             from pipelines.herniation import MODEL_DIR as HERNIATION_DIR
             from training.evaluation.herniation import evaluate as evaluate_herniation
@@ -352,15 +370,16 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=_process)
 
     tr = sub.add_parser("train", help="train a pipeline's model from the phantom and the real cases")
-    tr.add_argument("model", choices=["spine-seg", "marrow", "disc-herniation"])
+    tr.add_argument("model", choices=["spine-seg", "marrow", "disc-herniation", "degeneration"])
     tr.add_argument("--out", required=True, help="model folder to write (spine-seg resumes from its checkpoint)")
     tr.add_argument("--phantom-seeds", help="training phantom seeds (spine-seg 1000-1059, marrow 6000-6159, "
                     "disc-herniation 7000-7299)")
     tr.add_argument("--validation-seeds", help="phantom seeds that choose among classifiers (marrow 6160-6279) or "
-                    "the ensemble weights (disc-herniation 7300-7379)")
+                    "the ensemble weights (disc-herniation 7300-7379) or the study model (degeneration 8300-8359)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
-    tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation 1500 per CNN")
+    tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation and "
+                    "degeneration 1500 per CNN")
     tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (60)")
     tr.add_argument("--data", help="disc-herniation: your own data instead of the phantom: region/ and discs/ (YOLO "
                     "folders with train and val splits) and crops/{train,val}/{normal,herniated}/ (images)")
@@ -385,11 +404,12 @@ def build_parser() -> argparse.ArgumentParser:
     en.set_defaults(func=_ensemble)
 
     ev = sub.add_parser("evaluate", help="measure a model on data it did not train on; writes a report with plots")
-    ev.add_argument("model", choices=["spine-seg", "marrow", "disc-herniation"])
+    ev.add_argument("model", choices=["spine-seg", "marrow", "disc-herniation", "degeneration"])
     ev.add_argument("--out", required=True, help="report folder (report.md, metrics.json, plots)")
     ev.add_argument("--model-folder", help="model folder (default: the shipped one, pipelines/models/<model>)")
-    ev.add_argument("--phantom-seeds", help="held-out phantom seeds (spine-seg 5000-5029, marrow and disc-herniation 5000-5099)")
-    ev.add_argument("--end-to-end", type=int, default=12, help="marrow, disc-herniation: studies also run through DICOM "
+    ev.add_argument("--phantom-seeds", help="held-out phantom seeds (spine-seg 5000-5029, marrow and disc-herniation "
+                    "5000-5099, degeneration 5000-5059)")
+    ev.add_argument("--end-to-end", type=int, default=12, help="marrow, disc-herniation, degeneration: studies also run through DICOM "
                     "and spine-seg")
     ev.add_argument("--fold", type=int, default=0, help="the real cases' held-out fold (must not be trained on)")
     ev.set_defaults(func=_evaluate)

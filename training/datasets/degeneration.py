@@ -64,10 +64,13 @@ def mid_slice(labels: np.ndarray) -> int:
 
 @dataclass
 class Anchor:
-    """Where one disc level is on a sagittal series: slice, (row, col) centre, crop side in mm."""
+    """Where one disc level is on a sagittal series: slice, the disc's and the crop's (row, col)
+    centres, crop side in mm, and the canal's centre in the disc's rows (None where none is labelled)."""
     slice: int
+    disc: np.ndarray
     centre: np.ndarray
     side: float
+    canal: np.ndarray | None
 
 
 def sagittal_anchors(labels: np.ndarray, spacing: tuple[float, float]) -> tuple[int, dict[str, Anchor]]:
@@ -85,9 +88,8 @@ def sagittal_anchors(labels: np.ndarray, spacing: tuple[float, float]) -> tuple[
         canal[r0:r1] = labels[mid, r0:r1] == LABEL_VALUES["canal"]
         rows, cols = np.nonzero(disc)
         centre = np.array([rows.mean(), cols.mean()])
-        if canal.any():
-            centre = (centre + np.array([np.nonzero(canal)[0].mean(), np.nonzero(canal)[1].mean()])) / 2
-        out[lv] = Anchor(mid, centre, SAGITTAL_SIDE * (box[3] - box[1]) * spacing[1])
+        at = np.array([np.nonzero(canal)[0].mean(), np.nonzero(canal)[1].mean()]) if canal.any() else None
+        out[lv] = Anchor(mid, centre, centre if at is None else (centre + at) / 2, SAGITTAL_SIDE * (box[3] - box[1]) * spacing[1], at)
     return mid, out
 
 
@@ -126,18 +128,21 @@ def _to_pixels(ds, point: np.ndarray, spacing: tuple[float, float]) -> tuple[np.
 
 def axial_crops(sagittal: Series, labels: np.ndarray, axial: Series, volume: np.ndarray) -> dict[str, np.ndarray]:
     """{level: crop} on the axial slice nearest each disc's centre (within one and a half slice
-    spacings), patient left on the crop's right, anterior at the top."""
+    spacings), centred on the canal, patient left on the crop's right, anterior at the top."""
     mid, anchors = sagittal_anchors(labels, sagittal.spacing)
     iop = np.asarray(axial.datasets[0].ImageOrientationPatient, dtype=float)
     out = {}
     for lv, a in anchors.items():
-        point = sagittal.patient_points(mid, np.array([a.centre[0]]), np.array([a.centre[1]]))[0]
-        found = [_to_pixels(ds, point, axial.spacing) for ds in axial.datasets]
+        disc = sagittal.patient_points(mid, np.array([a.disc[0]]), np.array([a.disc[1]]))[0]
+        target = a.canal if a.canal is not None else a.centre
+        canal = sagittal.patient_points(mid, np.array([target[0]]), np.array([target[1]]))[0]
+        found = [_to_pixels(ds, disc, axial.spacing) for ds in axial.datasets]
         k = int(np.argmin([dist for _, dist in found]))
         if found[k][1] > 1.5 * max(axial.slice_spacing, 1.0):
             continue
         neighbours = [j for j in (k - 1, k, k + 1) if 0 <= j < len(volume) and found[j][1] < 2.5 * max(axial.slice_spacing, 1.0)]
-        crop = _stack(volume, [neighbours[0], k, neighbours[-1]], found[k][0], AXIAL_SIDE_MM, axial.spacing)
+        crop = _stack(volume, [neighbours[0], k, neighbours[-1]], _to_pixels(axial.datasets[k], canal, axial.spacing)[0],
+                      AXIAL_SIDE_MM, axial.spacing)
         if iop[0] < 0:  # columns run toward the patient's right: mirror so that left is on the right
             crop = crop[:, :, ::-1]
         if iop[4] < 0:  # rows run anterior: mirror so that anterior is at the top
