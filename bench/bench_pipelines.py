@@ -1,9 +1,9 @@
 """spine-seg + lordosis on one 15-slice 512x512 sagittal T2 series: seconds from DICOM files to
 SEG + SR written, after the model is loaded, and peak memory; on the CPU, and on the GPU when
-there is one. Then, on a whole phantom study (sagittal T2, T1, STIR), each study pipeline alone
-(`marrow`, `disc-herniation`: files to SR and Grad-CAM maps, spine-seg included) and all four
-pipelines together as the node runs them for one rule (`process` with spine-seg, lordosis, marrow
-and disc-herniation; spine-seg's result on a series is shared, as in the node).
+there is one. Then, on a whole phantom study (sagittal T2, T1, STIR, axial T2), each study
+pipeline alone (`marrow`, `disc-herniation`, `degeneration`: files to SR and Grad-CAM maps,
+spine-seg included) and all five pipelines together as the node runs them for one rule
+(`process`; spine-seg's result on a series is shared, as in the node).
 
 Run: `.venv/bin/python bench/bench_pipelines.py [--runs 5] [--device cpu|cuda]`; prints Markdown
 rows for docs/BENCHMARKS.md and writes bench/results/pipelines-<device>.json.
@@ -27,13 +27,13 @@ import numpy as np
 
 from dicomnode.config import load_config
 from dicomnode.process import process_folder
-from pipelines import herniation, lordosis, marrow, spine_seg
+from pipelines import degeneration, herniation, lordosis, marrow, spine_seg
 from structured_reports.model import ResultOptions
 from training.phantom.acquisition import acquisitions
 from training.phantom.generator import PhantomOptions, design_study, generate_study
 
 OPTIONS = PhantomOptions(contrasts=("T2",), max_matrix=512)
-ALL = ("spine-seg", "lordosis", "marrow", "disc-herniation")
+ALL = ("spine-seg", "lordosis", "marrow", "disc-herniation", "degeneration")
 
 
 def timed(work: Callable[[Path], object], out: Path, runs: int) -> list[float]:
@@ -80,12 +80,14 @@ def main() -> None:
 
         times = timed(both, tmp / "series", args.runs)
         assert [p.name for p in produced] == ["seg.dcm", "sr.dcm"], produced
-        generate_study(tmp / "three", 7000, PhantomOptions(contrasts=("T2", "T1", "STIR"), max_matrix=512), write_tissue=False)
+        generate_study(tmp / "three", 7000, PhantomOptions(contrasts=("T2", "T1", "STIR"), axial=True, max_matrix=512),
+                       write_tissue=False)
         study = sorted((tmp / "three" / "dicom").rglob("*.dcm"))
-        marrow.load_model()
-        herniation.load_model()
-        study_times = {name: timed(lambda out, run=run: run(study, out, ResultOptions()), tmp / name, args.runs)
-                       for name, run in (("marrow", marrow.run), ("disc-herniation", herniation.run))}
+        pipelines = {"marrow": marrow, "disc-herniation": herniation, "degeneration": degeneration}
+        for module in pipelines.values():
+            module.load_model()
+        study_times = {name: timed(lambda out, run=module.run: run(study, out, ResultOptions()), tmp / name, args.runs)
+                       for name, module in pipelines.items()}
         cfg = load_config(None)
         cfg.rules[0].pipelines = list(ALL)
         study_times["all"] = timed(lambda out: process_folder(tmp / "three" / "dicom", out, cfg),
@@ -105,7 +107,7 @@ def main() -> None:
     print("| date | machine | device | model load s | files -> SEG + SR, median s (min) | peak RSS MB |\n|---|---|---|---|---|---|")
     print(f"| {row['date']} | {row['machine']} | {row['device']} | {row['model_load_s']} | {row['median_s']} ({row['min_s']}) "
           f"| {row['peak_rss_mb']} |")
-    print(f"\nOn a {row['study_images']}-image study (T2, T1, STIR), files to result objects, median s (min):")
+    print(f"\nOn a {row['study_images']}-image study (sagittal T2, T1, STIR, axial T2), files to result objects, median s (min):")
     for name in study_times:
         print(f"- {name if name != 'all' else ' + '.join(ALL) + ' (one rule, as the node runs them)'}: "
               f"{row[f'{name}_median_s']} ({row[f'{name}_min_s']})")

@@ -137,7 +137,6 @@ def train_detector(data_yaml: Path, cfg: HerniationConfig, work: Path, name: str
     from pipelines.detect import offline
 
     offline()
-    from ultralytics import YOLO
     from ultralytics.models.yolo.detect import DetectionTrainer
     from ultralytics.nn.tasks import DetectionModel
 
@@ -147,9 +146,14 @@ def train_detector(data_yaml: Path, cfg: HerniationConfig, work: Path, name: str
         degrees=15.0, flipud=0.0, fliplr=0.5, hsv_h=0.0, hsv_s=0.0, patience=cfg.epochs, verbose=False))
     trainer.model = DetectionModel(detector_config(), nc=1, verbose=False)  # a built model is trained as it is
     trainer.train()
-    best = work / name / "weights" / "best.pt"
-    metrics = YOLO(str(best)).val(data=str(data_yaml), split="val", imgsz=cfg.imgsz, device="cpu", plots=False, verbose=False)
-    return best, float(metrics.box.map50)
+    return trainer.best, validation_map50(trainer.best, data_yaml, cfg.imgsz)
+
+
+def validation_map50(weights: Path, data_yaml: Path, imgsz: int) -> float:
+    from pipelines.detect import load
+
+    metrics = load(weights).val(data=str(data_yaml), split="val", imgsz=imgsz, device="cpu", plots=False, verbose=False)
+    return float(metrics.box.map50)
 
 
 def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -217,11 +221,15 @@ def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
     else:
         yolo, (x, y), (xv, yv) = phantom_data(cfg, cache)
     detectors = {}
+    out.mkdir(parents=True, exist_ok=True)
     for stage, data_yaml in yolo.items():
-        log.info("disc-herniation: training the %s detector (%d epochs)", stage, cfg.epochs)
-        best, map50 = train_detector(data_yaml, cfg, cache / "disc-herniation-runs", stage)
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(best, out / f"{stage}.pt")
+        if (out / f"{stage}.pt").exists():  # an interrupted run keeps the detectors it finished
+            log.info("disc-herniation: keeping the %s detector already in %s", stage, out)
+            map50 = validation_map50(out / f"{stage}.pt", data_yaml, cfg.imgsz)
+        else:
+            log.info("disc-herniation: training the %s detector (%d epochs)", stage, cfg.epochs)
+            best, map50 = train_detector(data_yaml, cfg, (cache / "disc-herniation-runs").resolve(), stage)
+            shutil.copyfile(best, out / f"{stage}.pt")
         detectors[stage] = {"file": f"{stage}.pt", "imgsz": cfg.imgsz, "validation_map50": map50}
     log.info("disc-herniation: %d training crops (%d herniated), %d validation crops (%d herniated)",
              len(y), int(y.sum()), len(yv), int(yv.sum()))
