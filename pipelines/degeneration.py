@@ -7,7 +7,8 @@ As RSNA 2024 solutions do: localise, crop, grade. `spine-seg` names the discs an
 on the sagittal T2 (canal) and T1 (foramina; the T2 stands in when there is no T1); the axial T2
 slice nearest each disc is found from the sagittal geometry (subarticular recesses). One small CNN
 per view grades its crops; the study label comes from the CNN or the CNN-SVM hybrid, whichever won
-on validation studies. Each graded image gets one Grad-CAM map that shows every decision on it.
+on validation studies. Each image a decision was made on gets one Grad-CAM map (the largest of its
+decisions' maps, each laid back where its crop came from); its description lists the decisions.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ class Assessment:
     study: dict[str, np.ndarray] = field(default_factory=dict)  # cnn | cnn_svm -> 4 probabilities
     study_label: str = "cnn_svm"
     explanations: list[Explanation] = field(default_factory=list)
+    sources: list = field(default_factory=list)  # every image the results refer to (T2, and T1 and axial when read)
     problems: list[str] = field(default_factory=list)
 
 
 def assess(files: list[Path], model: Model | None = None) -> Assessment:
+    """Grades per level and condition, the study label, one Grad-CAM map per graded image."""
     from pipelines.spine_seg import segment
     from training.datasets.spine_seg import normalise
 
@@ -98,75 +101,58 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         found = ", ".join(f"{s.weighting} '{s.description}'" for s in sagittal) or "no sagittal MR series"
         raise NoUsableSeries(f"degeneration reads a sagittal T2 series (and a sagittal T1 and an axial T2 where present); "
                              f"the files hold {found}")
-    a = Assessment(study_label=model.description["study"]["chosen"])
+    a = Assessment(study_label=model.description["study"]["chosen"], sources=list(t2.datasets))
     labels_t2 = segment(t2).labels
     v2 = normalise(t2.volume)
     t1 = next((s for s in sagittal if s.weighting == "T1"), None)
     if t1 is None:
         a.problems.append("no sagittal T1: the neural foramina are graded on the T2 series")
     foramen_series, labels_f = (t1, segment(t1).labels) if t1 is not None else (t2, labels_t2)
+    foramina = data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume))
+    views: dict[str, tuple[Series, dict]] = {"canal": (t2, data.canal_crops(t2, labels_t2, v2)),
+                                             "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in foramina.items()})}
     axial = next((s for s in read_series(files, plane="axial") if s.weighting == "T2"), None)
-    views: dict[str, tuple[Series, dict]] = {
-        "canal": (t2, data.canal_crops(t2, labels_t2, v2)),
-        "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in
-                                     data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume)).items()}),
-    }
     if axial is None:
         a.problems.append("no axial T2 series: subarticular stenosis not graded")
     else:
         views["axial"] = (axial, data.axial_crops(t2, labels_t2, axial, normalise(axial.volume)))
-    if views["canal"][1]:
-        a.explanations.append(_canal_map(model, t2, labels_t2, views["canal"][1]))
     for view, (series, crops) in views.items():
         if not crops:
             a.problems.append(f"{view}: no disc level located on '{series.description}'")
             continue
-        probs = model.grades(view, np.stack(list(crops.values())))
-        for key, p in zip(crops, probs):
-            if view == "foramen":
-                side, level = key.split(" ")
-                a.grades.setdefault(level, {})[f"{side}_neural_foraminal_narrowing"] = p[0]
-            else:
-                for h, condition in enumerate(data.VIEWS[view]):
-                    a.grades.setdefault(key, {})[condition] = p[h]
+        if series is not t2 and crops:
+            a.sources += series.datasets
+        probs = model.grades(view, np.stack([c.image for c in crops.values()]))
+        maps: dict[int, tuple[np.ndarray, list[str]]] = {}  # slice -> (map, decisions)
+        for (key, crop), p in zip(crops.items(), probs):
+            side, level = key.split(" ") if view == "foramen" else ("", key)
+            conditions = [f"{side}_neural_foraminal_narrowing"] if view == "foramen" else list(data.VIEWS[view])
+            for h, condition in enumerate(conditions):
+                a.grades.setdefault(level, {})[condition] = p[h]
+                g = int(np.argmax(p[h]))
+                _lay(maps, series, crop, model.explain(view, crop.image, h, g), f"{level} {condition.replace('_', ' ')} {data.GRADES[g]}")
+        a.explanations += [Explanation(str(series.datasets[k].SOPInstanceUID), heat, "; ".join(said))
+                           for k, (heat, said) in sorted(maps.items())]
     image = data.study_image(t2, labels_t2, v2)
     if image is None:
         a.problems.append("no lumbar region segmented on the T2 series: no study label")
     else:
-        a.study = model.study(image)
-        chosen = a.study[a.study_label]
-        heat = model.explain("study", image, 0, int(np.argmax(chosen)))
-        a.explanations.append(_study_map(t2, labels_t2, data.mid_slice(labels_t2), heat, f"study class: {data.STUDY_CLASSES[int(np.argmax(chosen))]}"))
+        a.study = model.study(image.image)
+        k = int(np.argmax(a.study[a.study_label]))
+        study_map: dict[int, tuple[np.ndarray, list[str]]] = {}
+        _lay(study_map, t2, image, model.explain("study", image.image, 0, k), f"study class {data.STUDY_CLASSES[k]}")
+        heat, said = study_map[image.slice]
+        a.explanations.append(Explanation(str(t2.datasets[image.slice].SOPInstanceUID), heat, said[0]))
     return a
 
 
-def _canal_map(model: Model, series: Series, labels: np.ndarray, crops: dict[str, np.ndarray]) -> Explanation:
-    """One map on the mid-sagittal T2 slice: each level's Grad-CAM of its canal grade, laid back where its crop came from."""
+def _lay(maps: dict[int, tuple[np.ndarray, list[str]]], series: Series, crop: data.Crop, heat: np.ndarray, decision: str) -> None:
+    """A crop's Grad-CAM laid back on its slice, kept as the largest over that slice's decisions."""
     from pipelines.explain import crop_to_slice
 
-    mid, anchors = data.sagittal_anchors(labels, series.spacing)
-    probs = model.grades("canal", np.stack(list(crops.values())))[:, 0]
-    heat = np.zeros(series.volume.shape[1:], dtype=np.float32)
-    said = []
-    for (level, crop), p in zip(crops.items(), probs):
-        g = int(np.argmax(p))
-        points = data.sample_points(anchors[level].centre, anchors[level].side, series.spacing)
-        heat = np.maximum(heat, crop_to_slice(model.explain("canal", crop, 0, g), points, heat.shape))
-        said.append(f"{level} {data.GRADES[g]}")
-    return Explanation(str(series.datasets[mid].SOPInstanceUID), heat, f"spinal canal stenosis: {', '.join(said)}")
-
-
-def _study_map(series: Series, labels: np.ndarray, mid: int, heat: np.ndarray, decision: str) -> Explanation:
-    """The study image's Grad-CAM back on the mid-sagittal slice it was cropped from."""
-    from pipelines.explain import crop_to_slice
-    from training.datasets.discs import enlarge, mask_box
-    from training.phantom.anatomy import LABEL_VALUES, LUMBAR_VERTEBRAE
-
-    box = mask_box(np.isin(labels[mid], [LABEL_VALUES[v] for v in (*LUMBAR_VERTEBRAE, *data.LEVELS)]))
-    r0, c0, r1, c1 = enlarge(box, data.STUDY_ENLARGE)
-    side = max((r1 - r0) * series.spacing[0], (c1 - c0) * series.spacing[1])
-    points = data.sample_points(np.array([(r0 + r1) / 2, (c0 + c1) / 2]), side, series.spacing, data.STUDY_CROP)
-    return Explanation(str(series.datasets[mid].SOPInstanceUID), crop_to_slice(heat, points, series.volume.shape[1:]), decision)
+    on_slice = crop_to_slice(heat, crop.points, series.volume.shape[1:])
+    current, said = maps.get(crop.slice, (np.zeros_like(on_slice), []))
+    maps[crop.slice] = (np.maximum(current, on_slice), said + [decision])
 
 
 def findings(a: Assessment) -> tuple[list[Finding], dict]:
@@ -197,8 +183,7 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     write_findings(out, {"degeneration": {**summary, "problems": a.problems}})
     if not found:
         return []
-    t2 = next(s for s in read_series(files) if s.weighting == "T2")
-    return write_results(out, t2.datasets, model.algorithm, options, findings=found, explanations=a.explanations)
+    return write_results(out, a.sources, model.algorithm, options, findings=found, explanations=a.explanations)
 
 
 register(Pipeline("degeneration", run, device="gpu", version="1.0", scope="study"))

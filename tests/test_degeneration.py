@@ -60,7 +60,7 @@ def test_crops_are_found_for_every_level_on_every_view(study: Path) -> None:
     labels = {s["description"]: np.load(study / "truth" / s["labels_file"])["labels"] for s in truth["series"]}
     l2, l1 = data.by_instance(labels["SAG T2"], t2), data.by_instance(labels["SAG T1"], t1)
     canal = data.canal_crops(t2, l2, normalise(t2.volume))
-    assert list(canal) == list(data.LEVELS) and all(c.shape == (3, data.CROP, data.CROP) for c in canal.values())
+    assert list(canal) == list(data.LEVELS) and all(c.image.shape == (3, data.CROP, data.CROP) for c in canal.values())
     foramina = data.foramen_crops(t1, l1, normalise(t1.volume))
     assert set(foramina) == {(side, lv) for side in ("left", "right") for lv in data.LEVELS}
     ax = data.axial_crops(t2, l2, axial, normalise(axial.volume))
@@ -95,7 +95,9 @@ def test_process_grades_every_level_and_labels_the_study_with_results_that_valid
             assert v["label"] in data.GRADES and sum(v["probabilities"]) == pytest.approx(1, abs=1e-3)
     assert found["study"]["label"] in data.STUDY_CLASSES
     paths = [tmp_path / o["path"] for o in result["outputs"]]
-    assert len(paths) == 3  # SR, the canal map and the study map on the mid-sagittal T2 slice
+    # the SR and a Grad-CAM map per image decided on: the mid-sagittal T2 (canal grades; the study
+    # label), a T1 slice either side (foramina), the five axial slices through the discs (recesses)
+    assert len(paths) == 1 + 1 + 1 + 2 + 5
     for p in paths:
         assert dciodvfy_errors(p) == []
     [sr] = [p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]

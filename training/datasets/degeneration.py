@@ -50,11 +50,28 @@ def sample_points(centre: np.ndarray, side: float, spacing: tuple[float, float],
     return np.stack(np.meshgrid(centre[0] + offsets / spacing[0], centre[1] + offsets / spacing[1], indexing="ij"))
 
 
-def _stack(volume: np.ndarray, slices: list[int], centre: np.ndarray, side: float, spacing: tuple[float, float],
-           n: int = CROP) -> np.ndarray:
-    ks = [int(np.clip(k, 0, len(volume) - 1)) for k in slices]
+@dataclass(frozen=True)
+class Crop:
+    """A crop, the slice its middle channel comes from and where on that slice it was sampled
+    ([2, n, n] (row, col) points, mirrored as the crop was): what a Grad-CAM map is laid back on."""
+    image: np.ndarray  # [3, n, n], standardised
+    slice: int
+    points: np.ndarray
+
+    def mirrored(self, axis: int) -> "Crop":
+        """Mirror along rows (axis 1) or columns (axis 2); the points follow."""
+        flip = [slice(None)] * 3
+        flip[axis] = slice(None, None, -1)
+        return Crop(np.ascontiguousarray(self.image[tuple(flip)]), self.slice, np.ascontiguousarray(self.points[tuple(flip)]))
+
+
+def _stack(volume: np.ndarray, k: int, neighbours: tuple[int, int], centre: np.ndarray, side: float,
+           spacing: tuple[float, float], n: int = CROP) -> Crop:
+    """Slices (neighbours[0], k, neighbours[1]) sampled on one square of `side` mm about `centre`."""
+    ks = [int(np.clip(j, 0, len(volume) - 1)) for j in (neighbours[0], k, neighbours[1])]
     points = sample_points(centre, side, spacing, n)
-    return standardise(np.stack([ndimage.map_coordinates(volume[k], points, order=1, mode="constant", cval=0.0) for k in ks]))
+    image = np.stack([ndimage.map_coordinates(volume[j], points, order=1, mode="constant", cval=0.0) for j in ks])
+    return Crop(standardise(image), k, points)
 
 
 def mid_slice(labels: np.ndarray) -> int:
@@ -93,9 +110,9 @@ def sagittal_anchors(labels: np.ndarray, spacing: tuple[float, float]) -> tuple[
     return mid, out
 
 
-def canal_crops(series: Series, labels: np.ndarray, volume: np.ndarray) -> dict[str, np.ndarray]:
+def canal_crops(series: Series, labels: np.ndarray, volume: np.ndarray) -> dict[str, Crop]:
     mid, anchors = sagittal_anchors(labels, series.spacing)
-    return {lv: _stack(volume, [a.slice - 1, a.slice, a.slice + 1], a.centre, a.side, series.spacing) for lv, a in anchors.items()}
+    return {lv: _stack(volume, mid, (mid - 1, mid + 1), a.centre, a.side, series.spacing) for lv, a in anchors.items()}
 
 
 def _patient_x(series: Series, k: int) -> float:
@@ -104,7 +121,7 @@ def _patient_x(series: Series, k: int) -> float:
     return float(series.patient_points(k, np.array([rows / 2]), np.array([cols / 2]))[0, 0])
 
 
-def foramen_crops(series: Series, labels: np.ndarray, volume: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+def foramen_crops(series: Series, labels: np.ndarray, volume: np.ndarray) -> dict[tuple[str, str], Crop]:
     """{(side, level): crop} on the slices FORAMEN_MM either side of the midline."""
     mid, anchors = sagittal_anchors(labels, series.spacing)
     step = max(1, int(round(FORAMEN_MM / max(series.slice_spacing, 1e-3))))
@@ -114,7 +131,7 @@ def foramen_crops(series: Series, labels: np.ndarray, volume: np.ndarray) -> dic
             continue
         side = "left" if _patient_x(series, k) > _patient_x(series, mid) else "right"
         for lv, a in anchors.items():
-            out[(side, lv)] = _stack(volume, [k - 1, k, k + 1], a.centre, a.side, series.spacing)
+            out[(side, lv)] = _stack(volume, k, (k - 1, k + 1), a.centre, a.side, series.spacing)
     return out
 
 
@@ -126,7 +143,7 @@ def _to_pixels(ds, point: np.ndarray, spacing: tuple[float, float]) -> tuple[np.
     return np.array([d @ iop[3:] / spacing[0], d @ iop[:3] / spacing[1]]), float(abs(d @ normal))
 
 
-def axial_crops(sagittal: Series, labels: np.ndarray, axial: Series, volume: np.ndarray) -> dict[str, np.ndarray]:
+def axial_crops(sagittal: Series, labels: np.ndarray, axial: Series, volume: np.ndarray) -> dict[str, Crop]:
     """{level: crop} on the axial slice nearest each disc's centre (within one and a half slice
     spacings), centred on the canal, patient left on the crop's right, anterior at the top."""
     mid, anchors = sagittal_anchors(labels, sagittal.spacing)
@@ -141,17 +158,17 @@ def axial_crops(sagittal: Series, labels: np.ndarray, axial: Series, volume: np.
         if found[k][1] > 1.5 * max(axial.slice_spacing, 1.0):
             continue
         neighbours = [j for j in (k - 1, k, k + 1) if 0 <= j < len(volume) and found[j][1] < 2.5 * max(axial.slice_spacing, 1.0)]
-        crop = _stack(volume, [neighbours[0], k, neighbours[-1]], _to_pixels(axial.datasets[k], canal, axial.spacing)[0],
+        crop = _stack(volume, k, (neighbours[0], neighbours[-1]), _to_pixels(axial.datasets[k], canal, axial.spacing)[0],
                       AXIAL_SIDE_MM, axial.spacing)
         if iop[0] < 0:  # columns run toward the patient's right: mirror so that left is on the right
-            crop = crop[:, :, ::-1]
+            crop = crop.mirrored(2)
         if iop[4] < 0:  # rows run anterior: mirror so that anterior is at the top
-            crop = crop[:, ::-1, :]
-        out[lv] = np.ascontiguousarray(crop)
+            crop = crop.mirrored(1)
+        out[lv] = crop
     return out
 
 
-def study_image(series: Series, labels: np.ndarray, volume: np.ndarray) -> np.ndarray | None:
+def study_image(series: Series, labels: np.ndarray, volume: np.ndarray) -> Crop | None:
     """[3, STUDY_CROP, STUDY_CROP]: the lumbar region (L1 to S1) of the mid-sagittal slice and its neighbours."""
     mid = mid_slice(labels)
     box = mask_box(np.isin(labels[mid], [LABEL_VALUES[v] for v in (*LUMBAR_VERTEBRAE, *LEVELS)]))
@@ -159,7 +176,7 @@ def study_image(series: Series, labels: np.ndarray, volume: np.ndarray) -> np.nd
         return None
     r0, c0, r1, c1 = enlarge(box, STUDY_ENLARGE)
     side = max((r1 - r0) * series.spacing[0], (c1 - c0) * series.spacing[1])
-    return _stack(volume, [mid - 1, mid, mid + 1], np.array([(r0 + r1) / 2, (c0 + c1) / 2]), side, series.spacing, STUDY_CROP)
+    return _stack(volume, mid, (mid - 1, mid + 1), np.array([(r0 + r1) / 2, (c0 + c1) / 2]), side, series.spacing, STUDY_CROP)
 
 
 @dataclass
@@ -216,15 +233,16 @@ def phantom_samples(seed: int, max_matrix: int = 320) -> DegenerationSamples:
     grade = lambda lv, c: GRADES.index(levels[lv][c])  # noqa: E731
     v2, v1 = normalise(t2.volume), normalise(t1.volume)
     for lv, crop in canal_crops(t2, labels["SAG T2"], v2).items():
-        _add(out, "canal", crop, [grade(lv, "spinal_canal_stenosis")], seed, lv)
+        _add(out, "canal", crop.image, [grade(lv, "spinal_canal_stenosis")], seed, lv)
     for (side, lv), crop in foramen_crops(t1, labels["SAG T1"], v1).items():
-        _add(out, "foramen", crop, [grade(lv, f"{side}_neural_foraminal_narrowing")], seed, f"{side} {lv}")
+        _add(out, "foramen", crop.image, [grade(lv, f"{side}_neural_foraminal_narrowing")], seed, f"{side} {lv}")
     if axial is not None:
         for lv, crop in axial_crops(t2, labels["SAG T2"], axial, normalise(axial.volume)).items():
-            _add(out, "axial", crop, [grade(lv, "left_subarticular_stenosis"), grade(lv, "right_subarticular_stenosis")], seed, lv)
+            _add(out, "axial", crop.image, [grade(lv, "left_subarticular_stenosis"), grade(lv, "right_subarticular_stenosis")],
+                 seed, lv)
     image = study_image(t2, labels["SAG T2"], v2)
     if image is not None:
-        out.study_images.append(image)
+        out.study_images.append(image.image)
         out.study_classes.append(STUDY_CLASSES.index(truth["study_class"]))
         out.studies.append(seed)
     return out
