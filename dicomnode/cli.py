@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -198,45 +199,26 @@ def _seeds(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x]
 
 
+# the findings pipelines: their module name (pipelines/, training/trainers/, training/evaluation/) and configuration class
+FINDINGS_MODULES = {"marrow": ("marrow", "MarrowConfig"), "disc-herniation": ("herniation", "HerniationConfig"),
+                     "degeneration": ("degeneration", "DegenerationConfig")}
+HELD_OUT = {"marrow": "5000-5099", "disc-herniation": "5000-5099", "degeneration": "5000-5059"}  # phantom seeds no trainer uses
+
+
 def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if args.model == "marrow":
-        from training.trainers.marrow import MarrowConfig
-        from training.trainers.marrow import train as train_marrow
-
-        cfg = MarrowConfig(seed=args.seed)
+    if args.model in FINDINGS_MODULES:
+        module = importlib.import_module(f"training.trainers.{FINDINGS_MODULES[args.model][0]}")
+        cfg = getattr(module, FINDINGS_MODULES[args.model][1])(seed=args.seed)
         if args.phantom_seeds:
             cfg.train_seeds = _seeds(args.phantom_seeds)
         if args.validation_seeds:
             cfg.validation_seeds = _seeds(args.validation_seeds)
         cfg.iterations = args.iterations or cfg.iterations
-        print(f"model folder written: {train_marrow(cfg, Path(args.out), Path(args.cache))}")
-        return 0
-    if args.model == "degeneration":
-        from training.trainers.degeneration import DegenerationConfig
-        from training.trainers.degeneration import train as train_degeneration
-
-        cfg = DegenerationConfig(seed=args.seed)
-        if args.phantom_seeds:
-            cfg.train_seeds = _seeds(args.phantom_seeds)
-        if args.validation_seeds:
-            cfg.validation_seeds = _seeds(args.validation_seeds)
-        cfg.iterations = args.iterations or cfg.iterations
-        print(f"model folder written: {train_degeneration(cfg, Path(args.out), Path(args.cache))}")
-        return 0
-    if args.model == "disc-herniation":
-        from training.trainers.herniation import HerniationConfig
-        from training.trainers.herniation import train as train_herniation
-
-        cfg = HerniationConfig(seed=args.seed)
-        if args.phantom_seeds:
-            cfg.train_seeds = _seeds(args.phantom_seeds)
-        if args.validation_seeds:
-            cfg.validation_seeds = _seeds(args.validation_seeds)
-        cfg.iterations = args.iterations or cfg.iterations
-        cfg.epochs = args.epochs or cfg.epochs
-        cfg.data_dir = args.data
-        print(f"model folder written: {train_herniation(cfg, Path(args.out), Path(args.cache))}")
+        if args.model == "disc-herniation":
+            cfg.epochs = args.epochs or cfg.epochs
+            cfg.data_dir = args.data
+        print(f"model folder written: {module.train(cfg, Path(args.out), Path(args.cache))}")
         return 0
     from training.datasets.real_lumbar import load_cases, split
     from training.trainers.spine_seg import SpineSegConfig, train
@@ -272,24 +254,12 @@ def _ensemble(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        if args.model == "marrow":
-            from pipelines.marrow import MODEL_DIR as MARROW_DIR
-            from training.evaluation.marrow import evaluate as evaluate_marrow
-
-            metrics = evaluate_marrow(Path(args.model_folder or MARROW_DIR), Path(args.out),
-                                      _seeds(args.phantom_seeds or "5000-5099"), args.end_to_end)
-        elif args.model == "degeneration":
-            from pipelines.degeneration import MODEL_DIR as DEGENERATION_DIR
-            from training.evaluation.degeneration import evaluate as evaluate_degeneration
-
-            metrics = evaluate_degeneration(Path(args.model_folder or DEGENERATION_DIR), Path(args.out),
-                                            _seeds(args.phantom_seeds or "5000-5059"), args.end_to_end)
-        elif args.model == "disc-herniation":
-            from pipelines.herniation import MODEL_DIR as HERNIATION_DIR
-            from training.evaluation.herniation import evaluate as evaluate_herniation
-
-            metrics = evaluate_herniation(Path(args.model_folder or HERNIATION_DIR), Path(args.out),
-                                          _seeds(args.phantom_seeds or "5000-5099"), args.end_to_end)
+        if args.model in FINDINGS_MODULES:
+            name, seeds = FINDINGS_MODULES[args.model][0], HELD_OUT[args.model]
+            model_dir = importlib.import_module(f"pipelines.{name}").MODEL_DIR
+            evaluate = importlib.import_module(f"training.evaluation.{name}").evaluate
+            metrics = evaluate(Path(args.model_folder or model_dir), Path(args.out), _seeds(args.phantom_seeds or seeds),
+                               args.end_to_end)
         else:
             from pipelines.spine_seg import MODEL_DIR
             from training.evaluation.spine_seg import evaluate

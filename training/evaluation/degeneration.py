@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipelines.degeneration import Model, assess
 from training.datasets import degeneration as data
-from training.evaluation.metrics import confusion, rsna_score
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, rsna_score
 from training.trainers.degeneration import collect, features, per_condition
 
 
@@ -29,9 +29,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
 
     model = Model(model_dir)
     d = model.description
-    used = set(d["training"]["train_seeds"]) | set(d["training"]["validation_seeds"])
-    if used & set(seeds):
-        raise ValueError(f"phantom seeds {sorted(used & set(seeds))[:5]}... were used in training or validation")
+    check_held_out(d, seeds)
     out.mkdir(parents=True, exist_ok=True)
     held = collect(seeds, cache, 2, "held-out studies")
     probs = {view: model.grades(view, held.arrays(view)[0]) for view in data.VIEWS}
@@ -90,22 +88,13 @@ def _end_to_end(model: Model, seeds: list[int]) -> dict:
 
 
 def _gradcam_examples(model: Model, held: data.DegenerationSamples, probs: np.ndarray, path: Path, n: int = 8) -> None:
-    import matplotlib.pyplot as plt
-
     chosen = [i for i, g in enumerate(held.grades["canal"]) if g[0] > 0][:n]
-    if not chosen:
-        return
-    fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen), 2.6), dpi=100)
-    for ax, i in zip(np.atleast_1d(axes), chosen):
+    panels = []
+    for i in chosen:
         crop, g = held.crops["canal"][i], int(np.argmax(probs[i, 0]))
-        ax.imshow(crop[1], cmap="gray")
-        ax.imshow(model.explain("canal", crop, 0, g), cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"{held.keys['canal'][i][1]} truth {data.GRADES[held.grades['canal'][i][0]]}\nsaid {data.GRADES[g]} "
-                     f"{probs[i, 0, g]:.2f}", fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+        panels.append((crop[1], model.explain("canal", crop, 0, g), f"{held.keys['canal'][i][1]} truth "
+                       f"{data.GRADES[held.grades['canal'][i][0]]}\nsaid {data.GRADES[g]} {probs[i, 0, g]:.2f}"))
+    overlay_grid(panels, path)
 
 
 def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:

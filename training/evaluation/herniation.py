@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from pipelines.herniation import Model, box_iou, classify, t2_series
 from training.datasets import discs as data
-from training.evaluation.metrics import confusion, roc
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
 from training.trainers.herniation import collect, probabilities
 
 
@@ -101,9 +101,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], studies_end_to_end: i
              cache: Path = Path(".cache/training")) -> dict:
     model = Model(model_dir)
     d = model.description
-    used = set(d["training"]["train_seeds"]) | set(d["training"]["validation_seeds"])
-    if used & set(seeds):
-        raise ValueError(f"phantom seeds {sorted(used & set(seeds))[:5]}... were used in training or validation")
+    check_held_out(d, seeds)
     out.mkdir(parents=True, exist_ok=True)
     held = collect(seeds, 0, 0, cache, 2, "held-out studies")
     m: dict = {"studies": len(seeds)}
@@ -127,20 +125,8 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], studies_end_to_end: i
 
 
 def _gradcam_examples(model: Model, held: data.DiscSamples, p: np.ndarray, path: Path, n: int = 8) -> None:
-    import matplotlib.pyplot as plt
-
     chosen = [i for i in range(len(held.labels)) if held.labels[i]][:n]
-    if not chosen:
-        return
-    fig, axes = plt.subplots(1, len(chosen), figsize=(2.2 * len(chosen), 2.6), dpi=100)
-    for ax, i in zip(np.atleast_1d(axes), chosen):
-        ax.imshow(held.crops[i][1], cmap="gray")
-        ax.imshow(model.explain(held.crops[i]), cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"{held.level[i]} herniated\nP {p[i]:.2f}", fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    overlay_grid([(held.crops[i][1], model.explain(held.crops[i]), f"{held.level[i]} herniated\nP {p[i]:.2f}") for i in chosen], path)
 
 
 def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:

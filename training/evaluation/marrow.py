@@ -21,16 +21,14 @@ from tqdm import tqdm
 
 from pipelines.marrow import Model, classify
 from training.datasets.marrow import CLASSES, Crops
-from training.evaluation.metrics import confusion, roc
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
 from training.trainers.marrow import MarrowConfig, binary_scores, by_body, collect, compare, features
 
 
 def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12, cache: Path = Path(".cache/training")) -> dict:
     model = Model(model_dir)
     d = model.description
-    used = set(d["training"]["train_seeds"]) | set(d["training"]["validation_seeds"])
-    if used & set(seeds):
-        raise ValueError(f"phantom seeds {sorted(used & set(seeds))[:5]}... were used in training or validation")
+    check_held_out(d, seeds)
     out.mkdir(parents=True, exist_ok=True)
     held = collect(seeds, 0, cache, 2, "held-out studies")
     x, y = held.arrays()
@@ -85,21 +83,9 @@ def _end_to_end(model: Model, seeds: list[int]) -> dict:
 
 
 def _gradcam_examples(model: Model, crops: Crops, probs: np.ndarray, path: Path, n: int = 8) -> None:
-    import matplotlib.pyplot as plt
-
     abnormal = [i for i in range(len(crops.labels)) if crops.labels[i] != 0 and crops.contrast[i] == "T2"][:n]
-    if not abnormal:
-        return
-    fig, axes = plt.subplots(1, len(abnormal), figsize=(2.2 * len(abnormal), 2.6), dpi=100)
-    for ax, i in zip(np.atleast_1d(axes), abnormal):
-        c = int(np.argmax(probs[i]))
-        ax.imshow(crops.images[i][1], cmap="gray")
-        ax.imshow(model.explain(crops.images[i], c), cmap="jet", alpha=0.35, vmin=0, vmax=1)
-        ax.set_title(f"{crops.level[i]} truth {CLASSES[crops.labels[i]]}\nsaid {CLASSES[c]} {probs[i][c]:.2f}", fontsize=7)
-        ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    overlay_grid([(crops.images[i][1], model.explain(crops.images[i], c := int(np.argmax(probs[i]))),
+                   f"{crops.level[i]} truth {CLASSES[crops.labels[i]]}\nsaid {CLASSES[c]} {probs[i][c]:.2f}") for i in abnormal], path)
 
 
 def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:

@@ -131,3 +131,25 @@ def rsna_score(truth: dict[str, dict], probs: dict[str, dict]) -> dict[str, floa
         out["any_severe_spinal"] = float(-(w * (y * np.log(p) + (1 - y) * np.log(1 - p))).sum() / w.sum())
     out["score"] = float(np.mean(list(out.values())))
     return out
+
+
+def check_held_out(description: dict, seeds: Sequence[int]) -> None:
+    """Refuse to evaluate on phantom seeds the model trained or was validated on."""
+    used = set(description["training"]["train_seeds"]) | set(description["training"].get("validation_seeds") or [])
+    if used & set(seeds):
+        raise ValueError(f"phantom seeds {sorted(used & set(seeds))[:5]}... were used in training or validation")
+
+
+def overlay_grid(panels: Sequence[tuple[np.ndarray, np.ndarray, str]], path: Path) -> None:
+    """Grad-CAM examples in a row: (grey image, map in [0, 1], title) each."""
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 * len(panels), 2.6), dpi=100)
+    for ax, (image, heat, title) in zip(np.atleast_1d(axes), panels):
+        ax.imshow(image, cmap="gray")
+        ax.imshow(heat, cmap="jet", alpha=0.35, vmin=0, vmax=1)
+        ax.set_title(title, fontsize=7)
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
