@@ -24,7 +24,7 @@ from pipelines.series import NoUsableSeries, Series, read_series
 from structured_reports.model import Algorithm, Explanation, Finding, Region, ResultOptions
 from structured_reports.writer import write_results
 from training.datasets import discs as data
-from training.phantom.anatomy import LABEL_VALUES, LUMBAR_VERTEBRAE
+from training.phantom.anatomy import LABEL_VALUES
 
 MODEL_DIR = Path(__file__).resolve().parent / "models" / "disc-herniation"
 MIN_IOU = 0.2  # a detected box and a segmented disc below this overlap are different discs
@@ -137,7 +137,7 @@ def classify(series: Series, model: Model | None = None, boxes: str = "detector"
 
     model = model or load_model()
     labelled = segment(series)
-    mid = data.midline(np.isin(labelled.labels, [LABEL_VALUES[v] for v in LUMBAR_VERTEBRAE]))
+    mid = data.mid_slice(labelled.labels)
     segmented = {lv: b for lv in data.LEVELS if (b := data.mask_box(labelled.labels[mid] == LABEL_VALUES[lv])) is not None}
     volume = normalise(series.volume)
     problems = list(labelled.problems)

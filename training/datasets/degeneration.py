@@ -24,7 +24,7 @@ import numpy as np
 from scipy import ndimage
 
 from pipelines.series import Series
-from training.datasets.discs import enlarge, mask_box, midline
+from training.datasets.discs import enlarge, mask_box, mid_slice
 from training.datasets.marrow import standardise
 from training.phantom.anatomy import LABEL_VALUES, LUMBAR_DISCS, LUMBAR_VERTEBRAE
 
@@ -72,11 +72,6 @@ def _stack(volume: np.ndarray, k: int, neighbours: tuple[int, int], centre: np.n
     points = sample_points(centre, side, spacing, n)
     image = np.stack([ndimage.map_coordinates(volume[j], points, order=1, mode="constant", cval=0.0) for j in ks])
     return Crop(standardise(image), k, points)
-
-
-def mid_slice(labels: np.ndarray) -> int:
-    """The mid-sagittal slice of named labels [slice, row, col]: through most of the vertebral bodies."""
-    return midline(np.isin(labels, [LABEL_VALUES[v] for v in LUMBAR_VERTEBRAE]))
 
 
 @dataclass

@@ -56,10 +56,11 @@ def enlarge(box: Box, factor: float, shape: tuple[int, int] | None = None) -> Bo
     return max(out[0], 0.0), max(out[1], 0.0), min(out[2], float(shape[0])), min(out[3], float(shape[1]))
 
 
-def midline(bodies: np.ndarray) -> int:
-    """The slice through most of the vertebral bodies (mask [slice, row, col]); the middle slice if none."""
-    areas = bodies.sum(axis=(1, 2))
-    return int(np.argmax(areas)) if areas.any() else len(bodies) // 2
+def mid_slice(labels: np.ndarray) -> int:
+    """The mid-sagittal slice of named labels [slice, row, col] (phantom label values): the slice
+    through most of the vertebral bodies; the middle slice if there are none."""
+    areas = np.isin(labels, [LABEL_VALUES[v] for v in LUMBAR_VERTEBRAE]).sum(axis=(1, 2))
+    return int(np.argmax(areas)) if areas.any() else len(labels) // 2
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -124,8 +125,7 @@ def phantom_samples(seed: int, jitter: int = 0, detector_images: bool = True, st
     rng = np.random.default_rng([seed, 4])
     s = next(phantom_series(seed, PhantomOptions(contrasts=("T2",), max_matrix=384, study_class=study_class)))
     volume = normalise(s.pixels)
-    bodies = np.isin(s.labels, [LABEL_VALUES[v] for v in LUMBAR_VERTEBRAE])
-    mid = midline(bodies)
+    mid = mid_slice(s.labels)
     region_values = [LABEL_VALUES[v] for v in (*LUMBAR_VERTEBRAE, *LEVELS)]
     out = DiscSamples()
     slices = [mid] + ([int(np.clip(mid + rng.choice([-1, 1]), 0, len(volume) - 1))] if jitter else [])
