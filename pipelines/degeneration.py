@@ -39,7 +39,7 @@ class Model:
         folder = Path(folder)
         state, self.description = read_model_folder(folder)
         d = self.description
-        self.heads = {"canal": 1, "foramen": 1, "axial": 2}
+        self.heads: dict[str, int] = d["heads"]
         self.nets = {}
         for view, outputs in (*((v, h * len(data.GRADES)) for v, h in self.heads.items()), ("study", len(data.STUDY_CLASSES))):
             net = network(outputs)
@@ -54,15 +54,16 @@ class Model:
 
         return grade_probabilities(self.nets[view], crops, self.heads[view])
 
-    def study(self, image: np.ndarray) -> dict[str, np.ndarray]:
-        """Class probabilities of the study image from the plain CNN and from the CNN-SVM."""
+    def study(self, image: np.ndarray, canal_crops: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Class probabilities of the study from the plain CNN (on the study image) and from the
+        CNN-SVM (on the canal network's view of each level)."""
         import torch
 
-        from training.trainers.degeneration import features
+        from training.trainers.degeneration import study_features
 
         with torch.inference_mode():
             cnn = torch.softmax(self.nets["study"](torch.from_numpy(image[None])), 1).numpy()[0]
-        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(features(self.nets["study"], image[None]))[0]}
+        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(study_features(self.nets["canal"], canal_crops)[None])[0]}
 
     def explain(self, view: str, crop: np.ndarray, head: int, grade: int) -> np.ndarray:
         import torch
@@ -137,7 +138,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     if image is None:
         a.problems.append("no lumbar region segmented on the T2 series: no study label")
     else:
-        a.study = model.study(image.image)
+        a.study = model.study(image.image, {lv: c.image for lv, c in views["canal"][1].items()})
         k = int(np.argmax(a.study[a.study_label]))
         study_map: dict[int, tuple[np.ndarray, list[str]]] = {}
         _lay(study_map, t2, image, model.explain("study", image.image, 0, k), f"study class {data.STUDY_CLASSES[k]}")

@@ -36,12 +36,22 @@ STUDY_CLASSES = ("healthy", "herniated_disc", "spinal_stenosis", "spondylosis")
 VIEWS = {"canal": ("spinal_canal_stenosis",),
          "foramen": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
          "axial": ("left_subarticular_stenosis", "right_subarticular_stenosis")}
+# taught on the canal crops beside the canal grade, not reported: what the study label reads
+AUXILIARY = {"canal": ("herniation", "disc_degeneration")}
+AUXILIARY_GRADES = {"herniation": {"none": 0, "bulge": 0, "protrusion": 1, "extrusion": 2},
+                    "disc_degeneration": {"none": 0, "mild": 0, "moderate": 1, "severe": 2}}
+DATA_VERSION = 2  # part of the sample cache's name: raise it when samples change (2: auxiliary canal grades)
 CROP = 64
 STUDY_CROP = 96
 STUDY_ENLARGE = 1.15  # the study image: the L1-S1 region's box grown by this, squared
 SAGITTAL_SIDE = 1.6  # crop side / the disc's anteroposterior extent
 AXIAL_SIDE_MM = 64.0
 FORAMEN_MM = 16.0  # the foramina lie about this far from the midline (canal half-width + a few mm)
+
+
+def heads(view: str) -> int:
+    """Outputs of a view's network, three grades each: its reported conditions, then its auxiliary ones."""
+    return 1 if view == "foramen" else len(VIEWS[view]) + len(AUXILIARY.get(view, ()))
 
 
 def sample_points(centre: np.ndarray, side: float, spacing: tuple[float, float], n: int = CROP) -> np.ndarray:
@@ -228,7 +238,8 @@ def phantom_samples(seed: int, max_matrix: int = 320) -> DegenerationSamples:
     grade = lambda lv, c: GRADES.index(levels[lv][c])  # noqa: E731
     v2, v1 = normalise(t2.volume), normalise(t1.volume)
     for lv, crop in canal_crops(t2, labels["SAG T2"], v2).items():
-        _add(out, "canal", crop.image, [grade(lv, "spinal_canal_stenosis")], seed, lv)
+        auxiliary = [AUXILIARY_GRADES[c][levels[lv][c]] for c in AUXILIARY["canal"]]
+        _add(out, "canal", crop.image, [grade(lv, "spinal_canal_stenosis"), *auxiliary], seed, lv)
     for (side, lv), crop in foramen_crops(t1, labels["SAG T1"], v1).items():
         _add(out, "foramen", crop.image, [grade(lv, f"{side}_neural_foraminal_narrowing")], seed, f"{side} {lv}")
     if axial is not None:

@@ -1,9 +1,10 @@
 """Training of `degeneration` (seeds 001, 002): one small CNN per view grades its conditions per
 disc level (normal-mild / moderate / severe), trained with the RSNA 2024 sample weights 1 / 2 / 4
 so it learns what the metric rewards; and for the four-class study label (healthy / herniated disc
-/ spinal stenosis / spondylosis), a plain CNN on the mid-sagittal lumbar region and the CNN-SVM
-hybrid of seed 001 (an SVM on that CNN's penultimate features), the better on validation studies
-shipped, both reported.
+/ spinal stenosis / spondylosis), a plain CNN on the mid-sagittal lumbar region (seed 001's
+whole-image CNN) and a CNN-SVM hybrid: an SVM on what the canal network sees per level (it also
+learns herniation and disc degeneration, not reported, so that its features carry them); the
+better on validation studies is shipped, both are reported.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.n
 
 def collect(seeds: list[int], cache: Path, workers: int, desc: str) -> data.DegenerationSamples:
     """Samples of the given phantom studies, cached (rendering takes minutes)."""
-    path = cache / f"degeneration-{min(seeds)}-{max(seeds)}-{len(seeds)}-v{PHANTOM_DATA_VERSION}.pkl"
+    path = cache / f"degeneration-{min(seeds)}-{max(seeds)}-{len(seeds)}-v{PHANTOM_DATA_VERSION}-d{data.DATA_VERSION}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     out = data.DegenerationSamples()
@@ -122,8 +123,32 @@ def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: De
     return net.eval(), float(np.mean(losses[-100:]))
 
 
+def study_features(canal_net: torch.nn.Module, crops: dict[str, np.ndarray]) -> np.ndarray:
+    """What the CNN-SVM reads of one study: per level L1/L2-L5/S1 the canal network's grade
+    probabilities (canal stenosis, herniation, disc degeneration; zeros where a level is missing),
+    and its penultimate features, the largest over the levels."""
+    levels = [lv for lv in data.LEVELS if lv in crops]
+    probs = np.zeros((len(data.LEVELS), data.heads("canal"), len(data.GRADES)), dtype=np.float32)
+    pooled = np.zeros(128, dtype=np.float32)
+    if levels:
+        x = np.stack([crops[lv] for lv in levels])
+        got = grade_probabilities(canal_net, x, data.heads("canal"))
+        for lv, p in zip(levels, got):
+            probs[data.LEVELS.index(lv)] = p
+        pooled = features(canal_net, x).max(axis=0)
+    return np.concatenate([probs.ravel(), pooled])
+
+
+def studies_features(canal_net: torch.nn.Module, samples: data.DegenerationSamples) -> np.ndarray:
+    """`study_features` of every study with a study image, in the order of `samples.studies`."""
+    by_study: dict[int, dict[str, np.ndarray]] = {}
+    for crop, (study, level) in zip(samples.crops["canal"], samples.keys["canal"]):
+        by_study.setdefault(study, {})[level] = crop
+    return np.stack([study_features(canal_net, by_study.get(s, {})) for s in samples.studies])
+
+
 def study_svm(f: np.ndarray, y: np.ndarray, seed: int = 0):
-    """Seed 001's hybrid: an SVM on the CNN's features (standardised), Platt-calibrated probabilities."""
+    """Seed 001's hybrid: an SVM on CNN features (standardised), Platt-calibrated probabilities."""
     from sklearn.calibration import CalibratedClassifierCV
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -159,22 +184,21 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
     t0 = time.time()
     tr = collect(cfg.train_seeds, cache, cfg.workers, "training studies")
     va = collect(cfg.validation_seeds, cache, cfg.workers, "validation studies")
-    state, losses, val_probs, counts = {}, {}, {}, {}
+    nets, losses, val_probs, counts = {}, {}, {}, {}
     for view in data.VIEWS:
         x, y = tr.arrays(view)
         counts[view] = np.bincount(y.ravel(), minlength=len(data.GRADES)).tolist()
-        net, losses[view] = train_network(view, x, y, len(data.GRADES), cfg, rng, np.array(SAMPLE_WEIGHTS))
-        state.update({f"{view}.{k}": v for k, v in net.state_dict().items()})
-        val_probs[view] = grade_probabilities(net, va.arrays(view)[0], y.shape[1])
+        nets[view], losses[view] = train_network(view, x, y, len(data.GRADES), cfg, rng, np.array(SAMPLE_WEIGHTS))
+        val_probs[view] = grade_probabilities(nets[view], va.arrays(view)[0], y.shape[1])
     xs, ys = np.stack(tr.study_images), np.asarray(tr.study_classes)
     class_weights = len(ys) / (len(data.STUDY_CLASSES) * np.maximum(np.bincount(ys, minlength=len(data.STUDY_CLASSES)), 1))
-    study_net, losses["study"] = train_network("study", xs, ys[:, None], len(data.STUDY_CLASSES), cfg, rng, class_weights)
-    state.update({f"study.{k}": v for k, v in study_net.state_dict().items()})
-    svm = study_svm(features(study_net, xs), ys, cfg.seed)
+    nets["study"], losses["study"] = train_network("study", xs, ys[:, None], len(data.STUDY_CLASSES), cfg, rng, class_weights)
+    study_net, canal_net = nets["study"], nets["canal"]
+    svm = study_svm(studies_features(canal_net, tr), ys, cfg.seed)
     xv, yv = np.stack(va.study_images), np.asarray(va.study_classes)
     with torch.inference_mode():
         p_cnn = torch.softmax(study_net(torch.from_numpy(xv)), 1).numpy()
-    p_svm = svm.predict_proba(features(study_net, xv))
+    p_svm = svm.predict_proba(studies_features(canal_net, va))
     study_val = {"cnn": float(np.mean(p_cnn.argmax(1) == yv)), "cnn_svm": float(np.mean(p_svm.argmax(1) == yv))}
     chosen = "cnn_svm" if study_val["cnn_svm"] >= study_val["cnn"] else "cnn"
     truth, pred = per_condition(va, val_probs)
@@ -184,8 +208,11 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
         "name": "degeneration", "version": VERSION, "framework": "MONAI ResNet + scikit-learn SVC",
         "grades": list(data.GRADES), "conditions": list(data.CONDITIONS), "levels": list(data.LEVELS),
         "study_classes": list(data.STUDY_CLASSES), "views": {v: list(c) for v, c in data.VIEWS.items()},
+        "auxiliary": {v: list(c) for v, c in data.AUXILIARY.items()}, "heads": {v: data.heads(v) for v in data.VIEWS},
         "network": {"block_inplanes": [16, 32, 64, 128], "layers": [1, 1, 1, 1], "gradcam_layer": GRADCAM_LAYER},
-        "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__},
+        "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__,
+                  "cnn": "the study network on the mid-sagittal lumbar region",
+                  "cnn_svm": "an SVM on the canal network's grade probabilities per level and its pooled features"},
         "input": {"crop_pixels": data.CROP, "study_crop_pixels": data.STUDY_CROP, "sagittal_side": data.SAGITTAL_SIDE,
                   "axial_side_mm": data.AXIAL_SIDE_MM, "foramen_mm": data.FORAMEN_MM},
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; then each crop to zero mean, unit variance",
@@ -194,6 +221,6 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
                      "final_loss": losses, "seconds": round(time.time() - t0, 1)},
         "commit": git_commit(), "metrics": {},
     }
-    write_model_folder(out, state, description)
+    write_model_folder(out, {f"{view}.{k}": v for view, net in nets.items() for k, v in net.state_dict().items()}, description)
     (out / SVM_FILE).write_bytes(pickle.dumps(svm))
     return out

@@ -43,7 +43,7 @@ class HerniationConfig:
     jitter: int = 2  # extra crops per disc, and one more slice per detector stage, as detection would place them
     epochs: int = 60  # per detector
     imgsz: int = 256
-    iterations: int = 1500  # per CNN
+    iterations: int = 3000  # per CNN
     batch: int = 32
     lr: float = 1e-3
     seed: int = 0
@@ -102,7 +102,7 @@ def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
 
 def collect(seeds: list[int], jitter: int, enrich: int, cache: Path, workers: int, desc: str) -> data.DiscSamples:
     """Samples of the given phantom studies, cached (rendering takes minutes)."""
-    path = cache / f"discs-{min(seeds)}-{max(seeds)}-{len(seeds)}-j{jitter}-e{enrich}-v{PHANTOM_DATA_VERSION}.pkl"
+    path = cache / f"discs-{min(seeds)}-{max(seeds)}-{len(seeds)}-j{jitter}-e{enrich}-v{PHANTOM_DATA_VERSION}-c{data.CROP_VERSION}.pkl"
     if path.exists():
         return pickle.loads(path.read_bytes())
     classes = [("herniated_disc" if enrich and i % enrich == 0 else None) for i in range(len(seeds))]
