@@ -21,7 +21,7 @@ from tqdm import tqdm
 from pipelines.degeneration import Model, assess
 from training.datasets import degeneration as data
 from training.evaluation.metrics import check_held_out, confusion, overlay_grid, rsna_score
-from training.trainers.degeneration import collect, features, per_condition
+from training.trainers.degeneration import collect, per_condition, studies_features
 
 
 def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12, cache: Path = Path(".cache/training")) -> dict:
@@ -45,7 +45,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     xs, ys = np.stack(held.study_images), np.asarray(held.study_classes)
     with torch.inference_mode():
         p_cnn = torch.softmax(model.nets["study"](torch.from_numpy(xs)), 1).numpy()
-    p_svm = model.svm.predict_proba(features(model.nets["study"], xs))
+    p_svm = model.svm.predict_proba(studies_features(model.nets["canal"], held))
     m["study"] = {}
     for name, p in (("cnn", p_cnn), ("cnn_svm", p_svm)):
         cm = confusion([data.STUDY_CLASSES[i] for i in ys], [data.STUDY_CLASSES[i] for i in p.argmax(1)], list(data.STUDY_CLASSES),
