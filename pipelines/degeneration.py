@@ -9,6 +9,7 @@ slice nearest each disc is found from the sagittal geometry (subarticular recess
 per view grades its crops; the study label comes from the CNN or the CNN-SVM hybrid, whichever won
 on validation studies. Each image a decision was made on gets one Grad-CAM map (the largest of its
 decisions' maps, each laid back where its crop came from); its description lists the decisions.
+The CNN-SVM's study label cites the canal map (the SVM reads that network); the plain CNN's gets its own.
 """
 
 from __future__ import annotations
@@ -140,10 +141,17 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     else:
         a.study = model.study(image.image, {lv: c.image for lv, c in views["canal"][1].items()})
         k = int(np.argmax(a.study[a.study_label]))
-        study_map: dict[int, tuple[np.ndarray, list[str]]] = {}
-        _lay(study_map, t2, image, model.explain("study", image.image, 0, k), f"study class {data.STUDY_CLASSES[k]}")
-        heat, said = study_map[image.slice]
-        a.explanations.append(Explanation(str(t2.datasets[image.slice].SOPInstanceUID), heat, said[0]))
+        canal_map = next((e for e in a.explanations if e.sop_instance_uid == str(t2.datasets[image.slice].SOPInstanceUID)), None)
+        if a.study_label == "cnn_svm" and canal_map is not None:
+            # the SVM reads the canal network's view of each level: that network's maps are its evidence
+            a.explanations[a.explanations.index(canal_map)] = Explanation(
+                canal_map.sop_instance_uid, canal_map.heatmap, f"study class {data.STUDY_CLASSES[k]} (CNN-SVM on these levels); "
+                + canal_map.decision)
+        else:
+            study_map: dict[int, tuple[np.ndarray, list[str]]] = {}
+            _lay(study_map, t2, image, model.explain("study", image.image, 0, k), f"study class {data.STUDY_CLASSES[k]}")
+            heat, said = study_map[image.slice]
+            a.explanations.append(Explanation(str(t2.datasets[image.slice].SOPInstanceUID), heat, said[0]))
     return a
 
 

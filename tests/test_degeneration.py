@@ -95,9 +95,10 @@ def test_process_grades_every_level_and_labels_the_study_with_results_that_valid
             assert v["label"] in data.GRADES and sum(v["probabilities"]) == pytest.approx(1, abs=1e-3)
     assert found["study"]["label"] in data.STUDY_CLASSES
     paths = [tmp_path / o["path"] for o in result["outputs"]]
-    # the SR and a Grad-CAM map per image decided on: the mid-sagittal T2 (canal grades; the study
-    # label), a T1 slice either side (foramina), the five axial slices through the discs (recesses)
-    assert len(paths) == 1 + 1 + 1 + 2 + 5
+    # the SR and a Grad-CAM map per image decided on: the mid-sagittal T2 (canal grades, and the
+    # CNN-SVM's study label; the plain CNN's has a map of its own), a T1 slice either side (foramina),
+    # the five axial slices through the discs (recesses)
+    assert len(paths) == 1 + 1 + 2 + 5 + (found["study"]["model"] == "cnn")
     for p in paths:
         assert dciodvfy_errors(p) == []
     [sr] = [p for p in paths if pydicom.dcmread(p, stop_before_pixels=True).Modality == "SR"]
@@ -135,5 +136,6 @@ def test_training_writes_a_model_folder_that_grades(tmp_path: Path) -> None:
     crops = np.random.default_rng(0).random((3, 3, data.CROP, data.CROP), dtype=np.float32)
     p = model.grades("axial", crops)
     assert p.shape == (3, 2, 3) and np.allclose(p.sum(-1), 1, atol=1e-5)
-    study = model.study(np.random.default_rng(1).random((3, data.STUDY_CROP, data.STUDY_CROP), dtype=np.float32))
+    study = model.study(np.random.default_rng(1).random((3, data.STUDY_CROP, data.STUDY_CROP), dtype=np.float32),
+                        {"L4/L5": crops[0], "L5/S1": crops[1]})
     assert set(study) == {"cnn", "cnn_svm"} and all(v.shape == (4,) for v in study.values())
