@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.registry import Pipeline, register
-from pipelines.series import NoUsableSeries, Series, read_series
+from pipelines.series import Series, read_planes, sagittal_t2
 from structured_reports.model import Algorithm, Explanation, Finding, ResultOptions
 from structured_reports.writer import write_results
 from training.datasets import degeneration as data
@@ -97,12 +97,9 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     from training.datasets.spine_seg import normalise
 
     model = model or load_model()
-    sagittal = read_series(files)
-    t2 = next((s for s in sagittal if s.weighting == "T2"), None)
-    if t2 is None:
-        found = ", ".join(f"{s.weighting} '{s.description}'" for s in sagittal) or "no sagittal MR series"
-        raise NoUsableSeries(f"degeneration reads a sagittal T2 series (and a sagittal T1 and an axial T2 where present); "
-                             f"the files hold {found}")
+    planes = read_planes(files)
+    sagittal = planes.get("sagittal", [])
+    t2 = sagittal_t2(sagittal, "degeneration (with a sagittal T1 and an axial T2 where present)")
     a = Assessment(study_label=model.description["study"]["chosen"], sources=list(t2.datasets))
     labels_t2 = segment(t2).labels
     v2 = normalise(t2.volume)
@@ -113,7 +110,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     foramina = data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume))
     views: dict[str, tuple[Series, dict]] = {"canal": (t2, data.canal_crops(t2, labels_t2, v2)),
                                              "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in foramina.items()})}
-    axial = next((s for s in read_series(files, plane="axial") if s.weighting == "T2"), None)
+    axial = next((s for s in planes.get("axial", []) if s.weighting == "T2"), None)
     if axial is None:
         a.problems.append("no axial T2 series: subarticular stenosis not graded")
     else:
@@ -122,7 +119,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         if not crops:
             a.problems.append(f"{view}: no disc level located on '{series.description}'")
             continue
-        if series is not t2 and crops:
+        if series is not t2:
             a.sources += series.datasets
         probs = model.grades(view, np.stack([c.image for c in crops.values()]))
         maps: dict[int, tuple[np.ndarray, list[str]]] = {}  # slice -> (map, decisions)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from pipelines.registry import Pipeline, register
-from pipelines.series import NoUsableSeries, Series, read_series
+from pipelines.series import Series, read_series, sagittal_t2
 from structured_reports.model import Algorithm, Explanation, Finding, Region, ResultOptions
 from structured_reports.writer import write_results
 from training.datasets import discs as data
@@ -175,20 +175,10 @@ def findings(results: list[DiscResult], sop_uid: str) -> tuple[list[Finding], di
     return out, summary
 
 
-def t2_series(files: list[Path]) -> Series:
-    """The sagittal T2 series among the files (seed 004 reads mid-sagittal T2; so were the models trained)."""
-    series = read_series(files)
-    for s in series:
-        if s.weighting == "T2":
-            return s
-    found = ", ".join(f"{s.weighting} '{s.description}'" for s in series) or "no sagittal MR series"
-    raise NoUsableSeries(f"disc-herniation reads a sagittal T2 series; the files hold {found}")
-
-
 def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     from pipelines.spine_seg import write_findings
 
-    series = t2_series(files)
+    series = sagittal_t2(read_series(files), "disc-herniation")
     model = load_model()
     results, problems, mid = classify(series, model)
     sop_uid = str(series.datasets[mid].SOPInstanceUID)

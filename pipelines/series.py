@@ -62,15 +62,17 @@ def weighting(ds: pydicom.Dataset) -> str:
 PREFERENCE = {"T2": 0, "T1": 1, "STIR": 2, "other": 3}
 
 
-def read_series(files: list[Path], plane: str = "sagittal") -> list[Series]:
-    """Every MR series in `plane` (sagittal, axial, coronal) among `files` (with pixel data), best weighting first."""
-    groups: dict[str, list[pydicom.Dataset]] = defaultdict(list)
+def read_planes(files: list[Path]) -> dict[str, list[Series]]:
+    """Every MR series among `files` (with pixel data) by plane (sagittal, axial, coronal), best
+    weighting first; each file is read once."""
+    groups: dict[tuple[str, str], list[pydicom.Dataset]] = defaultdict(list)
     for p in files:
         ds = pydicom.dcmread(p)
-        if ds.get("Modality") == "MR" and "PixelData" in ds and orientation(ds.get("ImageOrientationPatient")) == plane:
-            groups[str(ds.SeriesInstanceUID)].append(ds)
-    out = []
-    for items in groups.values():
+        plane = orientation(ds.get("ImageOrientationPatient"))
+        if ds.get("Modality") == "MR" and "PixelData" in ds and plane is not None:
+            groups[(plane, str(ds.SeriesInstanceUID))].append(ds)
+    out: dict[str, list[Series]] = defaultdict(list)
+    for (plane, _), items in groups.items():
         iop = np.asarray(items[0].ImageOrientationPatient, dtype=float)
         normal = np.cross(iop[:3], iop[3:])
         items.sort(key=lambda d: float(np.dot(normal, np.asarray(d.ImagePositionPatient, dtype=float))))
@@ -80,9 +82,24 @@ def read_series(files: list[Path], plane: str = "sagittal") -> list[Series]:
         volume = np.stack([d.pixel_array * float(d.get("RescaleSlope", 1)) + float(d.get("RescaleIntercept", 0))
                            for d in items]).astype(np.float32)
         spacing = tuple(float(x) for x in items[0].PixelSpacing)
-        out.append(Series(items, volume, spacing, str(items[0].get("SeriesDescription", "")), weighting(items[0])))  # type: ignore[arg-type]
-    out.sort(key=lambda s: (PREFERENCE[s.weighting], -len(s.datasets)))
-    return out
+        out[plane].append(Series(items, volume, spacing, str(items[0].get("SeriesDescription", "")), weighting(items[0])))  # type: ignore[arg-type]
+    for series in out.values():
+        series.sort(key=lambda s: (PREFERENCE[s.weighting], -len(s.datasets)))
+    return dict(out)
+
+
+def read_series(files: list[Path], plane: str = "sagittal") -> list[Series]:
+    """Every MR series in `plane` among `files`, best weighting first."""
+    return read_planes(files).get(plane, [])
+
+
+def sagittal_t2(sagittal: list[Series], reader: str) -> Series:
+    """The best sagittal T2 among `sagittal`; otherwise a NoUsableSeries that says what there is."""
+    for s in sagittal:
+        if s.weighting == "T2":
+            return s
+    found = ", ".join(f"{s.weighting} '{s.description}'" for s in sagittal) or "no sagittal MR series"
+    raise NoUsableSeries(f"{reader} reads a sagittal T2 series; the files hold {found}")
 
 
 def pick_series(files: list[Path]) -> Series:

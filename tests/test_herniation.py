@@ -12,8 +12,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipelines.herniation import MODEL_DIR, Model, name_boxes, t2_series
-from pipelines.series import NoUsableSeries
+from pipelines.herniation import MODEL_DIR, Model, name_boxes
+from pipelines.series import NoUsableSeries, read_series, sagittal_t2
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
 from training.datasets import discs as data
@@ -68,7 +68,7 @@ def test_detected_boxes_take_the_names_of_the_segmented_discs() -> None:
 def test_a_study_without_a_sagittal_t2_is_refused_with_what_it_holds(tmp_path: Path) -> None:
     generate_study(tmp_path, 5000, PhantomOptions(contrasts=("T1",), max_matrix=256), write_tissue=False)
     with pytest.raises(NoUsableSeries, match=r"reads a sagittal T2 series; the files hold T1 'SAG T1'"):
-        t2_series(sorted((tmp_path / "dicom").rglob("*.dcm")))
+        sagittal_t2(read_series(sorted((tmp_path / "dicom").rglob("*.dcm"))), "disc-herniation")
 
 
 def test_the_weight_search_favours_the_member_that_separates_the_classes() -> None:

@@ -218,7 +218,7 @@ def phantom_samples(seed: int, max_matrix: int = 320) -> DegenerationSamples:
     import tempfile
     from pathlib import Path
 
-    from pipelines.series import read_series
+    from pipelines.series import read_planes
     from training.datasets.spine_seg import normalise
     from training.phantom.generator import PhantomOptions, generate_study
 
@@ -228,8 +228,9 @@ def phantom_samples(seed: int, max_matrix: int = 320) -> DegenerationSamples:
         generate_study(folder, seed, PhantomOptions(contrasts=("T1", "T2"), axial=True, max_matrix=max_matrix), write_tissue=False)
         truth = json.loads((folder / "truth" / "truth.json").read_text())
         files = {s["description"]: s for s in truth["series"]}
-        series = {s.description: s for s in read_series(sorted((folder / "dicom").rglob("*.dcm")))}
-        axial = _read_axial(sorted((folder / "dicom").rglob("*.dcm")))
+        planes = read_planes(sorted((folder / "dicom").rglob("*.dcm")))
+        series = {s.description: s for s in planes["sagittal"]}
+        axial = next(iter(planes.get("axial", [])), None)
         labels = {d: by_instance(np.load(folder / "truth" / files[d]["labels_file"])["labels"], s) for d, s in series.items()}
         if axial is not None:
             labels["AX T2"] = by_instance(np.load(folder / "truth" / files["AX T2"]["labels_file"])["labels"], axial)
@@ -259,10 +260,3 @@ def _add(out: DegenerationSamples, view: str, crop: np.ndarray, grades: list[int
     out.grades[view].append(grades)
     out.keys[view].append((seed, level))
 
-
-def _read_axial(files) -> Series | None:
-    """The axial series among the files, read like the sagittal ones (sorted along its normal)."""
-    from pipelines.series import read_series
-
-    found = read_series(files, plane="axial")
-    return found[0] if found else None

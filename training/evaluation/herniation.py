@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from pipelines.herniation import Model, box_iou, classify, t2_series
+from pipelines.herniation import Model, box_iou, classify
+from pipelines.series import read_series, sagittal_t2
 from training.datasets import discs as data
 from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
 from training.trainers.herniation import collect, probabilities
@@ -71,7 +72,7 @@ def end_to_end(model: Model, seeds: list[int]) -> dict:
             folder = Path(tmp) / str(seed)
             generate_study(folder, seed, PhantomOptions(contrasts=("T2",), max_matrix=384), write_tissue=False)
             levels = json.loads((folder / "truth" / "truth.json").read_text())["levels"]
-            series = t2_series(sorted((folder / "dicom").rglob("*.dcm")))
+            series = sagittal_t2(read_series(sorted((folder / "dicom").rglob("*.dcm"))), "disc-herniation")
             for source, f in found.items():
                 results, _, mid = classify(series, model, boxes=source)
                 true_boxes = _truth_boxes(folder, series, mid)

@@ -57,6 +57,13 @@ def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> t
     return loss + (dice[present].mean() if present.any() else 0 * ce)
 
 
+def batched(fn: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:
+    """`fn` (tensor -> tensor) over `x` in batches, without gradients, as one array: inference on
+    thousands of crops without holding all their activations at once."""
+    with torch.inference_mode():
+        return np.concatenate([fn(torch.from_numpy(x[i:i + batch])).numpy() for i in range(0, len(x), batch)])
+
+
 def optimise(loss: torch.Tensor, opt: torch.optim.Optimizer, sched: Any, losses: list[float], bar: Any) -> None:
     """One optimiser and schedule step; the running mean loss goes on the progress bar."""
     opt.zero_grad()

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from training.datasets import degeneration as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
 from training.evaluation.metrics import rsna_score
-from training.trainers.common import git_commit, optimise, seed_everything, write_model_folder
+from training.trainers.common import batched, git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -64,16 +64,12 @@ def penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def grade_probabilities(net: torch.nn.Module, crops: np.ndarray, heads: int, batch: int = 256) -> np.ndarray:
     """[crop, head, grade] probabilities."""
     net.eval()
-    with torch.inference_mode():
-        out = [torch.softmax(net(torch.from_numpy(crops[i:i + batch])).view(-1, heads, len(data.GRADES)), -1).numpy()
-               for i in range(0, len(crops), batch)]
-    return np.concatenate(out)
+    return batched(lambda x: torch.softmax(net(x).view(-1, heads, len(data.GRADES)), -1), crops, batch)
 
 
 def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.ndarray:
     net.eval()
-    with torch.inference_mode():
-        return np.concatenate([penultimate(net, torch.from_numpy(images[i:i + batch])).numpy() for i in range(0, len(images), batch)])
+    return batched(lambda x: penultimate(net, x), images, batch)
 
 
 def collect(seeds: list[int], cache: Path, workers: int, desc: str) -> data.DegenerationSamples:

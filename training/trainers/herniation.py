@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from training.datasets import discs as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
-from training.trainers.common import git_commit, optimise, seed_everything, write_model_folder
+from training.trainers.common import batched, git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -71,9 +71,7 @@ def member(name: str) -> torch.nn.Module:
 def probabilities(net: torch.nn.Module, crops: np.ndarray, batch: int = 256) -> np.ndarray:
     """P(herniated) per crop."""
     net.eval()
-    with torch.inference_mode():
-        return np.concatenate([torch.softmax(net(torch.from_numpy(crops[i:i + batch])), 1)[:, 1].numpy()
-                               for i in range(0, len(crops), batch)])
+    return batched(lambda x: torch.softmax(net(x), 1)[:, 1], crops, batch)
 
 
 def ensemble_weights(probs: dict[str, np.ndarray], truth: np.ndarray, step: float = 0.1) -> dict[str, float]:

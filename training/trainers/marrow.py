@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from training.datasets import marrow as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
-from training.trainers.common import git_commit, optimise, seed_everything, write_model_folder
+from training.trainers.common import batched, git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -58,9 +58,7 @@ def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.n
     """Penultimate-layer features (after the final LayerNorm), the paper's deep features."""
     from pipelines.marrow import penultimate
 
-    module = penultimate(net).eval()
-    with torch.inference_mode():
-        return np.concatenate([module(torch.from_numpy(images[i:i + batch])).numpy() for i in range(0, len(images), batch)])
+    return batched(penultimate(net).eval(), images, batch)
 
 
 def classifiers(seed: int = 0) -> dict:
