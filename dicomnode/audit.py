@@ -35,4 +35,15 @@ class Audit:
             self._f.close()
 
     def read(self) -> list[dict]:
-        return [json.loads(x) for x in self.path.read_text().splitlines() if x.strip()]
+        return [e for _, e in self.read_since(0)]
+
+    def read_since(self, since: int, limit: int | None = None) -> list[tuple[int, dict]]:
+        """Events after line `since`, numbered by line (1 = the first), at most `limit` of them."""
+        out: list[tuple[int, dict]] = []
+        with open(self.path) as f:
+            for seq, line in enumerate(f, 1):
+                if seq > since and line.strip():
+                    out.append((seq, json.loads(line)))
+                    if limit is not None and len(out) >= limit:
+                        break
+        return out

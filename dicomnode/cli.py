@@ -71,6 +71,13 @@ def _config(args: argparse.Namespace):
         cfg = load_config(Path(args.config) if getattr(args, "config", None) else None)
     except ConfigError as e:
         raise SystemExit(f"error: {e}")
+    if getattr(args, "config", None):
+        from dicomnode.security import check_written_secrets
+
+        try:
+            check_written_secrets(cfg, Path(args.config))
+        except ConfigError as e:
+            raise SystemExit(f"error: {e}")
     for key in ("host", "port", "ae_title", "storage"):
         value = getattr(args, key, None)
         if value is not None:
@@ -107,16 +114,28 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     cfg = _config(args)
     try:
-        node = Node(cfg).start()
+        node = Node(cfg, Path(args.config) if args.config else None).start()
     except (ConfigError, OSError) as e:
         raise SystemExit(f"error: {e}")
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"dicomnode {__version__}: {cfg.node.ae_title} listening on {cfg.node.host}:{cfg.node.port}, "
-          f"storage {cfg.node.storage}", flush=True)
+    print(f"dicomnode {__version__}: {cfg.node.ae_title} listening on {cfg.node.host}:{cfg.node.port}"
+          f"{' (TLS)' if cfg.node.tls else ''}, storage {cfg.node.storage}"
+          + (f", API and web page on {node.api.url}/ui/" if node.api else ""), flush=True)
     stop.wait()
     node.stop()
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from dicomnode.celery_jobs import broker_address, run_worker
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = _config(args)
+    print(f"dicomnode {__version__} worker: queue {cfg.jobs.queue} on {broker_address(cfg.jobs)}, "
+          f"storage {cfg.node.storage}", flush=True)
+    run_worker(cfg, args.name, args.threads)
     return 0
 
 
@@ -314,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--port", type=int)
     se.add_argument("--ae-title")
     se.set_defaults(func=_serve)
+
+    wk = sub.add_parser("worker", help="run pipeline and send jobs from the Celery queue (jobs.backend: celery)")
+    node_args(wk)
+    wk.add_argument("--name", help="worker name (default: dicomnode@<host>); unique per worker")
+    wk.add_argument("--threads", type=int, help="PyTorch CPU threads (default: all cores); cores / workers per machine")
+    wk.set_defaults(func=_worker)
 
     ec = sub.add_parser("echo", help="C-ECHO a DICOM peer")
     ec.add_argument("target", help="AE@host:port or a destination name from --config")

@@ -33,12 +33,22 @@ def _ae(v: str) -> str:
     return v.strip()
 
 
+class TlsSection(_Strict):
+    """DICOM TLS for the listener: PEM certificate and key; with `ca_file`, callers must present a
+    certificate that this CA signed."""
+
+    certfile: Path
+    keyfile: Path
+    ca_file: Path | None = None
+
+
 class NodeSection(_Strict):
     ae_title: str = "DICOMNODE"
     host: str = "127.0.0.1"
     port: int = Field(11112, ge=1, le=65535)
     storage: Path = Path("./var")
     max_pdu: int = Field(0, ge=0, description="0: unlimited")
+    tls: TlsSection | None = None
 
     _check_ae = field_validator("ae_title")(_ae)
 
@@ -59,7 +69,7 @@ class DicomDestination(_Strict):
 class RestDestination(_Strict):
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = Field(None, description="${NAME}: read from the environment variable NAME")
 
 
 class Rule(_Strict):
@@ -81,6 +91,13 @@ class JobsSection(_Strict):
     max_attempts: int = Field(4, ge=1)
     backoff_seconds: float = Field(2.0, gt=0)
     send_max_attempts: int = Field(6, ge=1)
+    backend: Literal["in_process", "celery"] = Field(
+        "in_process", description="celery: jobs run in `dicomnode worker` processes that share the storage folder")
+    broker: str = Field("redis://127.0.0.1:6379/0", description="Celery broker and result backend (Redis)")
+    queue: str = "dicomnode"
+    visibility_timeout_seconds: float = Field(
+        600, gt=0, description="a task a killed worker held goes to another worker after this long; longer than any job")
+    task_timeout_seconds: float = Field(3600, gt=0, description="a task no worker finished by then fails (and is retried)")
 
 
 class RetentionSection(_Strict):
@@ -97,6 +114,19 @@ class ResultsSection(_Strict):
     explanations: Literal["parametric_map", "secondary_capture"] = "parametric_map"
 
 
+class ApiSection(_Strict):
+    """The REST API and the administrators' web page, on their own port."""
+
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8043, ge=1, le=65535)
+    token_file: Path | None = Field(None, description="lines `user token` (or a bare token); mode 600. "
+                                                      "DICOMNODE_API_TOKEN in the environment adds one")
+    local_reads: bool = Field(True, description="GET from this machine needs no token; writes always do")
+    certfile: Path | None = Field(None, description="PEM certificate: HTTPS instead of HTTP")
+    keyfile: Path | None = None
+
+
 class NodeConfig(_Strict):
     node: NodeSection = Field(default_factory=NodeSection)
     accept: AcceptSection = Field(default_factory=AcceptSection)
@@ -108,6 +138,7 @@ class NodeConfig(_Strict):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     results: ResultsSection = Field(default_factory=ResultsSection)
     plugins: list[str] = Field(default_factory=list, description="modules that register extra pipelines")
+    api: ApiSection = Field(default_factory=ApiSection)
 
     def check_references(self) -> None:
         for rule in self.rules:

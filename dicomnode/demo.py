@@ -23,8 +23,7 @@ def _free_port() -> int:
 
 
 def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
-    from structured_reports.reader import read_seg, read_sr
-    from structured_reports.render import render_slice
+    from structured_reports.render import render_result, seg_source_uids
     from training.phantom.generator import PhantomOptions, generate_study
     from training.phantom.preview import study_preview
 
@@ -42,6 +41,7 @@ def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
 
     cfg = parse_config({"node": {"port": _free_port(), "storage": str(out / "var")},
                         "assembly": {"series_quiet_seconds": 1, "study_quiet_seconds": 2},
+                        "api": {"enabled": False},
                         "rules": [{**LUMBAR_RULE, "send_to": []}]}, "demo defaults")
     node = Node(cfg).start()
     try:
@@ -70,27 +70,17 @@ def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
                 print(f"  {name}: " + "; ".join(v["problems"]))
     if seg_files and sr_files:
         seg, sr = pydicom.dcmread(seg_files[0]), pydicom.dcmread(sr_files[0])
-        refs = {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-                for f in seg.PerFrameFunctionalGroupsSequence}
+        refs = seg_source_uids(seg)
         folder = next(p.parent for p in (out / "var" / "instances").rglob("*.dcm") if p.stem in refs)
-        sources = sorted((pydicom.dcmread(p) for p in folder.glob("*.dcm")), key=_position)
-        segments = read_seg(seg, sources)
-        report = read_sr(sr)
+        sources = [pydicom.dcmread(p) for p in folder.glob("*.dcm")]
+        png, segments, report = render_result(seg, sr, sources, out / "result.png", f"dicomnode demo, seed {seed}")
         print(f"  SEG: {seg_files[0]} ({len(segments)} segments: {', '.join(s.structure for s in segments)})")
         print(f"  SR:  {sr_files[0]}")
         for a in report.angles:
             print(f"    lordosis {a.span}: {a.degrees:.1f} deg (truth {truth['lordosis_deg'][a.span]:.1f})"
                   + (f", {a.category}" if a.category else ""))
-        k = [str(d.SOPInstanceUID) for d in sources].index(report.angles[0].sop_instance_uid) if report.angles else len(sources) // 2
-        png = render_slice(sources, k, segments, report.angles, out / "result.png", f"dicomnode demo, seed {seed}")
         print(f"  result: {png}")
         summary.update({"seg": str(seg_files[0]), "sr": str(sr_files[0]), "angles": {a.span: a.degrees for a in report.angles},
                         "result_png": str(png)})
     return summary
 
-
-def _position(ds: pydicom.Dataset) -> float:
-    import numpy as np
-
-    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
-    return float(np.dot(np.cross(iop[:3], iop[3:]), np.asarray(ds.ImagePositionPatient, dtype=float)))

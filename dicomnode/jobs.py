@@ -41,6 +41,10 @@ class Job:
     attempts: int
     max_attempts: int
     last_error: str | None = None
+    created_at: float | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict[str, Any] | None = None
 
 
 class JobStore(Database):
@@ -105,13 +109,15 @@ class JobStore(Database):
         rows = self.list(where="id=?", args=(job_id,))
         return rows[0] if rows else None
 
-    def list(self, where: str = "1=1", args: tuple = (), limit: int = 1000) -> list[Job]:
+    def list(self, where: str = "1=1", args: tuple = (), limit: int = 1000, newest_first: bool = False) -> list[Job]:
+        order = "DESC" if newest_first else "ASC"
         with self._lock:
             cur = self._db.execute(
                 "SELECT id, kind, device, series_uid, study_uid, pipeline, destination, payload, state, attempts, max_attempts,"
-                f" last_error FROM jobs WHERE {where} ORDER BY id LIMIT {int(limit)}", args)
+                " last_error, created_at, started_at, finished_at, result"
+                f" FROM jobs WHERE {where} ORDER BY id {order} LIMIT {int(limit)}", args)
             rows = cur.fetchall()
-        return [Job(*r[:7], json.loads(r[7] or "{}"), *r[8:]) for r in rows]
+        return [Job(*r[:7], json.loads(r[7] or "{}"), *r[8:15], json.loads(r[15]) if r[15] else None) for r in rows]
 
     def pending(self) -> set[str]:
         """Series and studies that a job not yet done or dead still needs (study jobs need the whole study)."""

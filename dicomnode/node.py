@@ -8,13 +8,18 @@ import threading
 import time
 from pathlib import Path
 
+from dicomnode.admin import ConfigEditor
+from dicomnode.api_server import ApiServer
 from dicomnode.assembly import Assembler
 from dicomnode.audit import Audit
-from dicomnode.config import ConfigError, DicomDestination, NodeConfig, RestDestination, Rule
+from dicomnode.config import ConfigError, DicomDestination, NodeConfig, Rule
+from dicomnode.execute import execute
 from dicomnode.jobs import Job, JobStore
+from dicomnode.metrics import Metrics
 from dicomnode.routing import route
 from dicomnode.scp import StoreSCP
-from dicomnode.scu import Peer, SendError, post_instances, store
+from dicomnode.scu import SendError
+from dicomnode.security import load_tokens
 from dicomnode.storage import Identity, Storage
 from pipelines import registry
 from structured_reports.model import ResultOptions
@@ -36,16 +41,19 @@ def gpu_count() -> int:
 
 
 class Node:
-    def __init__(self, cfg: NodeConfig):
-        self.cfg = cfg
-        root = Path(cfg.node.storage)
+    def __init__(self, cfg: NodeConfig, config_path: Path | None = None):
+        self.cfg, self.config_path = cfg, config_path
+        root = Path(cfg.node.storage).resolve()
         self.storage = Storage(root, cfg.accept.duplicates)
         self.audit = Audit(root / "audit.jsonl")
         self.jobs = JobStore(root / "jobs.sqlite", cfg.jobs.backoff_seconds)
         self.results = root / "results"
         self.assembler = Assembler({"series": cfg.assembly.series_quiet_seconds, "study": cfg.assembly.study_quiet_seconds},
                                    self.dispatch)
-        self.scp = StoreSCP(cfg, self.storage, self.audit, self._received)
+        self.metrics = Metrics()
+        self.scp = StoreSCP(cfg, self.storage, self.audit, self._received, self.metrics)
+        self.editor = ConfigEditor(cfg, config_path, self.audit, registry.get)
+        self.api: ApiServer | None = None
         self.result_options = ResultOptions(**cfg.results.model_dump())
         self.gpus = 0
         self._stop = threading.Event()
@@ -72,15 +80,22 @@ class Node:
                 self.assembler.touch("study", row["study_uid"])
         self.assembler.start()
         pools = [("cpu", self.cfg.jobs.cpu_workers)] + [(f"gpu{i}", 1) for i in range(self.gpus)]
-        for device, n in pools:
-            for k in range(n):
-                t = threading.Thread(target=self._work, args=(device,), name=f"worker-{device}-{k}", daemon=True)
-                t.start()
-                self._threads.append(t)
+        if self.cfg.jobs.backend == "celery":
+            from dicomnode.celery_jobs import CeleryDispatcher
+
+            dispatcher = CeleryDispatcher(self, [device for device, _ in pools])
+            self._threads.append(threading.Thread(target=dispatcher.run, args=(self._stop,), name="celery", daemon=True))
+        else:
+            self._threads += [threading.Thread(target=self._work, args=(device,), name=f"worker-{device}-{k}", daemon=True)
+                              for device, n in pools for k in range(n)]
+        for t in self._threads:
+            t.start()
         if self.cfg.retention.days or self.cfg.retention.max_bytes:
             t = threading.Thread(target=self._housekeep, name="housekeeping", daemon=True)
             t.start()
             self._threads.append(t)
+        if self.cfg.api.enabled:
+            self.api = ApiServer(self, load_tokens(self.cfg.api)).start()
         self.scp.start()
         return self
 
@@ -96,6 +111,8 @@ class Node:
 
     def stop(self) -> None:
         self.scp.stop()
+        if self.api is not None:
+            self.api.stop()
         self.assembler.stop()
         self._stop.set()
         for t in self._threads:
@@ -170,51 +187,124 @@ class Node:
             if job is None:
                 self._stop.wait(0.05)
                 continue
-            t0 = time.time()
-            self.audit.write("started", job=job.id, kind=job.kind, series_uid=job.series_uid,
-                             pipeline=job.pipeline, destination=job.destination, attempt=job.attempts)
+            t0 = self.started(job)
             try:
-                result = self._process(job) if job.kind == "process" else self._send(job)
+                result = execute(self.task(job), self.cfg, self.result_options)
             except Exception as e:  # any failure is recorded on the job and retried with back-off
-                reason = f"{type(e).__name__}: {e}"
-                state = self.jobs.fail(job.id, reason)
-                what = f"job {job.id} ({job.kind} {job.pipeline or job.destination}) attempt {job.attempts}/{job.max_attempts}"
-                if state == "dead":
-                    log.error("%s failed: %s; it is dead, `dicomnode retry` sends it again", what, reason)
-                else:
-                    log.warning("%s failed: %s; it will be retried", what, reason)
-                self.audit.write("failed", job=job.id, kind=job.kind, state=state, reason=reason, seconds=round(time.time() - t0, 3))
-                continue
-            self.jobs.done(job.id, result)
-            self.audit.write("finished" if job.kind == "process" else "sent", job=job.id, series_uid=job.series_uid,
-                             seconds=round(time.time() - t0, 3), **result)
+                self.failed(job, f"{type(e).__name__}: {e}", t0)
+            else:
+                self.finished(job, result, t0)
 
-    def _process(self, job: Job) -> dict:
-        study = job.payload.get("scope") == "study"
-        files = self.storage.study_files(job.study_uid) if study else self.storage.series_files(job.series_uid)
-        out = self.results / f"job-{job.id}"
-        out.mkdir(parents=True, exist_ok=True)
-        produced = registry.get(job.pipeline or "").run(files, out, self.result_options)
-        for dest in job.payload.get("send_to", []):
-            self.jobs.enqueue("send", job.series_uid, job.study_uid, self.cfg.jobs.send_max_attempts, destination=dest,
-                              payload={"files": [str(p) for p in produced], "from_job": job.id})
-        return {"outputs": len(produced)}
+    def started(self, job: Job) -> float:
+        self.audit.write("started", job=job.id, kind=job.kind, series_uid=job.series_uid,
+                         pipeline=job.pipeline, destination=job.destination, attempt=job.attempts)
+        return time.time()
 
-    def _send(self, job: Job) -> dict:
-        files = [Path(p) for p in job.payload["files"]]
-        dest = self._destination(job)
-        if isinstance(dest, RestDestination):
-            n = post_instances(dest.url, files, dest.username, dest.password)
+    def task(self, job: Job) -> dict:
+        """What a worker needs to run a job: paths on the storage and a pipeline or destination name."""
+        if job.kind == "process":
+            study = job.payload.get("scope") == "study"
+            files = self.storage.study_files(job.study_uid) if study else self.storage.series_files(job.series_uid)
+            return {"job": job.id, "kind": "process", "pipeline": job.pipeline, "files": [str(p) for p in files],
+                    "out": str(self.results / f"job-{job.id}")}
+        return {"job": job.id, "kind": "send", "destination": self._destination_name(job), "files": job.payload["files"]}
+
+    def finished(self, job: Job, result: dict, t0: float) -> None:
+        """A job's work is done: queue the sends of its results, record it."""
+        if job.kind == "process":
+            for dest in job.payload.get("send_to", []):
+                self.jobs.enqueue("send", job.series_uid, job.study_uid, self.cfg.jobs.send_max_attempts, destination=dest,
+                                  payload={"files": result["outputs"], "from_job": job.id})
+            result = {"outputs": len(result["outputs"])}
+        self.jobs.done(job.id, result)
+        self.audit.write("finished" if job.kind == "process" else "sent", job=job.id, series_uid=job.series_uid,
+                         seconds=round(time.time() - t0, 3), **result)
+        self.metrics.observe("dicomnode_job_seconds", time.time() - t0, kind=job.kind, outcome="done",
+                             target=job.pipeline or job.destination or "")
+
+    def failed(self, job: Job, reason: str, t0: float) -> None:
+        """A job's attempt failed: retry later with back-off, or dead after the last attempt."""
+        state = self.jobs.fail(job.id, reason)
+        what = f"job {job.id} ({job.kind} {job.pipeline or job.destination}) attempt {job.attempts}/{job.max_attempts}"
+        if state == "dead":
+            log.error("%s failed: %s; it is dead, `dicomnode retry` sends it again", what, reason)
         else:
-            n = store(Peer(dest.ae_title, dest.host, dest.port), files, self.cfg.node.ae_title)
-        return {"instances_sent": n}
+            log.warning("%s failed: %s; it will be retried", what, reason)
+        self.audit.write("failed", job=job.id, kind=job.kind, state=state, reason=reason, seconds=round(time.time() - t0, 3))
+        self.metrics.observe("dicomnode_job_seconds", time.time() - t0, kind=job.kind, outcome=state,
+                             target=job.pipeline or job.destination or "")
 
-    def _destination(self, job: Job) -> DicomDestination | RestDestination:
+    def _destination_name(self, job: Job) -> str:
         if job.destination != "sender":
-            return self.cfg.destinations[job.destination or ""]
+            return job.destination or ""
         row = self.storage.series(job.series_uid) or {}
         caller = row.get("calling_ae")
-        for d in self.cfg.destinations.values():
+        for name, d in self.cfg.destinations.items():
             if isinstance(d, DicomDestination) and d.ae_title == caller:
-                return d
+                return name
         raise SendError(f"results go back to the sender, but the calling AE {caller!r} has no address under destinations")
+
+    # ------------------------------------------------------------------ for the API
+
+    def send_stored(self, uids: list[str], destination: str, who: str) -> int:
+        """Queue one send job of stored studies, series or instances (by UID) to a destination."""
+        files: list[Path] = []
+        first: tuple[str, str] | None = None
+        for uid in uids:
+            row = self.storage.instance(uid)
+            if row is not None:
+                found, where = [Path(row["path"])], (row["series_uid"], row["study_uid"])
+            elif (series := self.storage.series(uid)) is not None:
+                found, where = self.storage.series_files(uid), (uid, series["study_uid"])
+            elif (study_files := self.storage.study_files(uid)):
+                found, where = study_files, (self.storage.study_series(uid)[0]["series_uid"], uid)
+            else:
+                raise KeyError(f"no study, series or instance {uid} is stored")
+            files += found
+            first = first or where
+        assert first is not None
+        job_id = self.jobs.enqueue("send", first[0], first[1], self.cfg.jobs.send_max_attempts, destination=destination,
+                                   payload={"files": [str(p) for p in files], "user": who})
+        self.audit.write("send_requested", job=job_id, destination=destination, user=who, instances=len(files))
+        return job_id
+
+    def preview(self, job: Job) -> Path | None:
+        """A PNG of a process job's results on a source slice, drawn once and kept with them: its SEG
+        and SR, or those of the other pipelines on the same study (lordosis writes angles, spine-seg the SEG)."""
+        folder = self.results / f"job-{job.id}"
+        png = folder / "preview.png"
+        if png.is_file() or job.kind != "process" or job.state != "done":
+            return png if png.is_file() else None
+        siblings = self.jobs.list("kind='process' AND state='done' AND study_uid=? AND id<>?", (job.study_uid, job.id))
+        folders = [folder] + [self.results / f"job-{j.id}" for j in siblings]
+        seg = next((f / "seg.dcm" for f in folders if (f / "seg.dcm").is_file()), None)
+        sr = next((f / "sr.dcm" for f in folders if (f / "sr.dcm").is_file()), None)
+        if seg is None:
+            return None
+        import pydicom
+
+        from structured_reports.render import render_result, seg_source_uids
+
+        seg_ds = pydicom.dcmread(seg)
+        rows = [self.storage.instance(uid) for uid in seg_source_uids(seg_ds)]
+        sources = [pydicom.dcmread(r["path"]) for r in rows if r is not None]
+        if not sources:
+            return None
+        render_result(seg_ds, pydicom.dcmread(sr) if sr else None, sources, png, f"job {job.id}: {job.pipeline}")
+        return png
+
+    def pipelines(self) -> list[dict]:
+        return [registry.get(n).describe() for n in registry.names()]
+
+    def metrics_text(self) -> str:
+        c = self.storage.counts()
+        gauges = {
+            "dicomnode_jobs": ("jobs by state", [({"state": s}, n) for s, n in self.jobs.counts().items()]),
+            "dicomnode_stored_instances": ("instances in storage", [({}, c["instances"])]),
+            "dicomnode_stored_bytes": ("bytes of instances in storage", [({}, c["bytes"])]),
+        }
+        return self.metrics.render(gauges, {"dicomnode_c_store_total": "C-STORE requests by DIMSE status",
+                                            "dicomnode_c_store_seconds": "time in the C-STORE handler (decode, write, fsync, index)",
+                                            "dicomnode_associations_rejected_total": "associations rejected (AE titles)",
+                                            "dicomnode_job_seconds": "job run time by kind, outcome (done, failed, dead) and target "
+                                                                     "(pipeline or destination)"})

@@ -33,7 +33,7 @@ def orientation(iop: Any) -> str | None:
     return ("sagittal", "coronal", "axial")[int(np.argmax(n))]
 
 
-def _value(attrs: dict[str, Any], key: str) -> Any:
+def attribute_value(attrs: dict[str, Any], key: str) -> Any:
     if key == "orientation":
         return orientation(attrs.get("ImageOrientationPatient"))
     return attrs.get(key)
@@ -65,7 +65,7 @@ def condition_holds(cond: Any, value: Any) -> bool:
 
 
 def matches(rule: Rule, attrs: dict[str, Any]) -> bool:
-    return all(condition_holds(c, _value(attrs, k)) for k, c in rule.match.items())
+    return all(condition_holds(c, attribute_value(attrs, k)) for k, c in rule.match.items())
 
 
 def route(rules: list[Rule], attrs: dict[str, Any], mode: str = "first") -> list[Rule]:

@@ -7,6 +7,7 @@ before Success) and the assembler is told; routing and pipelines run elsewhere.
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any, Callable
 
 from pydicom.dataset import Dataset
@@ -17,7 +18,9 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.audit import Audit
 from dicomnode.config import NodeConfig
+from dicomnode.metrics import Metrics
 from dicomnode.scu import set_nodelay
+from dicomnode.security import dicom_server_context
 from dicomnode.storage import Identity, InvalidInstance, Storage
 
 log = logging.getLogger("dicomnode.scp")
@@ -57,8 +60,10 @@ def _check_pixel_length(ds: Dataset, transfer_syntax: UID) -> None:
 
 
 class StoreSCP:
-    def __init__(self, cfg: NodeConfig, storage: Storage, audit: Audit, on_stored: Callable[[Identity], None]):
+    def __init__(self, cfg: NodeConfig, storage: Storage, audit: Audit, on_stored: Callable[[Identity], None],
+                 metrics: Metrics | None = None):
         self.cfg, self.storage, self.audit, self.on_stored = cfg, storage, audit, on_stored
+        self.metrics = metrics or Metrics()
         self.server: ThreadedAssociationServer | None = None
 
     def _ae(self) -> AE:
@@ -76,8 +81,10 @@ class StoreSCP:
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_ECHO, lambda e: SUCCESS),
                     (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
         addr = (self.cfg.node.host, self.cfg.node.port)
-        self.server = self._ae().start_server(addr, block=False, evt_handlers=handlers)
-        log.info("listening as %s on %s:%d", self.cfg.node.ae_title, *addr)
+        tls = self.cfg.node.tls
+        self.server = self._ae().start_server(addr, block=False, evt_handlers=handlers,
+                                              ssl_context=dicom_server_context(tls) if tls else None)
+        log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
         return self.server
 
     def stop(self) -> None:
@@ -91,8 +98,17 @@ class StoreSCP:
                     "this node is %r)", req.address, req.port, req.ae_title, event.assoc.acceptor.ae_title,
                     ", ".join(self.cfg.accept.calling_ae_titles) or "any", self.cfg.node.ae_title)
         self.audit.write("rejected", calling_ae=req.ae_title, address=req.address)
+        self.metrics.inc("dicomnode_associations_rejected_total")
 
     def handle_store(self, event: evt.Event) -> int:
+        t0 = time.perf_counter()
+        status = self._store(event)
+        outcome = "success" if status == SUCCESS else f"0x{status:04X}"
+        self.metrics.inc("dicomnode_c_store_total", status=outcome)
+        self.metrics.observe("dicomnode_c_store_seconds", time.perf_counter() - t0)
+        return status
+
+    def _store(self, event: evt.Event) -> int:
         calling = event.assoc.requestor.ae_title
         try:
             ds = event.dataset

@@ -62,7 +62,7 @@ class Identity:
 
 class Storage(Database):
     def __init__(self, root: Path, duplicates: str = "keep_first"):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.duplicates = duplicates
         (self.root / "instances").mkdir(parents=True, exist_ok=True)
         (self.root / "tmp").mkdir(exist_ok=True)
@@ -177,6 +177,20 @@ class Storage(Database):
             self._db.execute("DELETE FROM series WHERE n_instances=0")
             self._db.execute("COMMIT")
         return len(doomed)
+
+    def studies(self, limit: int = 1000, offset: int = 0) -> list[dict]:
+        """Studies, most recently received first, with their series and instance counts."""
+        return self._rows("SELECT study_uid, COUNT(DISTINCT series_uid) AS series, COUNT(*) AS instances, SUM(size) AS bytes, "
+                          "MIN(received_at) AS first_at, MAX(received_at) AS last_at FROM instances GROUP BY study_uid "
+                          "ORDER BY last_at DESC LIMIT ? OFFSET ?", (limit, offset))
+
+    def series_instances(self, series_uid: str) -> list[dict]:
+        return self._rows("SELECT sop_instance_uid, sop_class_uid, size, received_at FROM instances WHERE series_uid=? "
+                          "ORDER BY path", (series_uid,))
+
+    def instance(self, sop_instance_uid: str) -> dict | None:
+        rows = self._rows("SELECT * FROM instances WHERE sop_instance_uid=?", (sop_instance_uid,))
+        return rows[0] if rows else None
 
     def counts(self) -> dict[str, int]:
         r = self._rows("SELECT COUNT(*) AS instances, COUNT(DISTINCT series_uid) AS series, COUNT(DISTINCT study_uid) AS studies, "

@@ -192,4 +192,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, a.sources, model.algorithm, options, findings=found, explanations=a.explanations)
 
 
-register(Pipeline("degeneration", run, device="gpu", version="1.0", scope="study"))
+register(Pipeline("degeneration", run, device="gpu", version="1.0", scope="study", model_dir=MODEL_DIR, load_model=load_model))

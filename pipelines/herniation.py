@@ -193,4 +193,6 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
                          explanations=[Explanation(sop_uid, heat, decision)])
 
 
-register(Pipeline("disc-herniation", run, device="gpu", version="1.0", scope="study"))  # finds the T2 series itself
+# scope study: it finds the sagittal T2 series itself
+register(Pipeline("disc-herniation", run, device="gpu", version="1.0", scope="study", model_dir=MODEL_DIR,
+                  load_model=load_model))

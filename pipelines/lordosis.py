@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from pipelines import spine_seg
 from pipelines.registry import Pipeline, register
 from pipelines.series import Series, pick_series
 from structured_reports.model import Angle, Line, ResultOptions
@@ -152,13 +153,11 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
 
 
 def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
-    from pipelines.spine_seg import load_model, segment, write_findings
-
     series = pick_series(files)
-    model = load_model()
-    labelled = segment(series, model)
+    model = spine_seg.load_model()
+    labelled = spine_seg.segment(series, model)
     m = measure(labelled.labels, series)
-    write_findings(out, {"lordosis": {"series": series.description, **{a.span: a.degrees for a in m.angles},
+    spine_seg.write_findings(out, {"lordosis": {"series": series.description, **{a.span: a.degrees for a in m.angles},
                                       "category": next((a.category for a in m.angles if a.category), None),
                                       "problems": labelled.problems + m.problems}})
     if not m.angles:
@@ -166,4 +165,5 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, series.datasets, model.algorithm, options, angles=m.angles)
 
 
-register(Pipeline("lordosis", run, device="gpu", version="1.0"))
+register(Pipeline("lordosis", run, device="gpu", version="1.0", model_dir=spine_seg.MODEL_DIR,
+                  load_model=spine_seg.load_model))

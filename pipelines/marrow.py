@@ -180,4 +180,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, ref.datasets, model.algorithm, options, findings=found, explanations=explanations)
 
 
-register(Pipeline("marrow", run, device="gpu", version="1.0", scope="study"))
+register(Pipeline("marrow", run, device="gpu", version="1.0", scope="study", model_dir=MODEL_DIR, load_model=load_model))

@@ -9,6 +9,7 @@ CPU jobs in parallel.
 from __future__ import annotations
 
 import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -25,6 +26,18 @@ class Pipeline:
     device: str = "cpu"  # cpu | gpu
     version: str = "0"
     scope: str = "series"  # what it reads when named on `process --pipelines`: one series, or the whole study
+    model_dir: Path | None = None  # the self-describing model folder (model.json) it runs
+    load_model: Callable[..., object] | None = None  # its cached loader, to tell whether the model is in memory
+
+    def describe(self) -> dict:
+        """Name, device, version, whether the model is loaded, and the model folder's description and metrics."""
+        model = None
+        if self.model_dir is not None and (self.model_dir / "model.json").is_file():
+            meta = json.loads((self.model_dir / "model.json").read_text())
+            model = {k: meta.get(k) for k in ("name", "version", "framework", "commit", "training", "metrics")}
+        cache = getattr(self.load_model, "cache_info", None)
+        return {"Name": self.name, "Device": self.device, "Version": self.version, "Scope": self.scope,
+                "Loaded": bool(cache and cache().currsize), "Model": model}
 
 
 _REGISTRY: dict[str, Pipeline] = {}

@@ -6,7 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-APT_PACKAGES=(orthanc dcmtk dicom3tools redis-server libgl1 libglib2.0-0 fonts-dejavu-core)
+APT_PACKAGES=(orthanc dcmtk dicom3tools redis-server libgl1 libglib2.0-0 fonts-dejavu-core openssl chromium chromium-driver)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [ ${#missing[@]} -gt 0 ]; then

@@ -15,7 +15,7 @@ from pydicom import Dataset  # noqa: E402
 
 from structured_reports.codes import STRUCTURES  # noqa: E402
 from structured_reports.explain import overlay_rgb  # noqa: E402
-from structured_reports.model import Angle, Segment  # noqa: E402
+from structured_reports.model import Angle, Report, Segment  # noqa: E402
 
 
 def _pixels(ds: Dataset) -> np.ndarray:
@@ -47,6 +47,33 @@ def render_slice(sources: Sequence[Dataset], index: int, segments: Sequence[Segm
                 color=colour, transform=ax.transAxes, fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "lw": 0})
         y_text += 0.06
     return _save(fig, ax, out, title)
+
+
+def seg_source_uids(seg: Dataset) -> set[str]:
+    """SOP Instance UIDs of the images a SEG was derived from."""
+    return {str(f.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
+            for f in seg.PerFrameFunctionalGroupsSequence}
+
+
+def slice_position(ds: Dataset) -> float:
+    """Position of a slice along its normal, for ordering a series."""
+    iop = np.asarray(ds.ImageOrientationPatient, dtype=float)
+    return float(np.dot(np.cross(iop[:3], iop[3:]), np.asarray(ds.ImagePositionPatient, dtype=float)))
+
+
+def render_result(seg: Dataset, sr: Dataset | None, sources: Sequence[Dataset], out: Path, title: str = ""
+                  ) -> tuple[Path, list[Segment], Report | None]:
+    """What the SEG (and the SR, if given) say, drawn on the slice the angles were measured on (else
+    the middle one); returns the PNG, the segments and the report read back from the objects."""
+    from structured_reports.reader import read_seg, read_sr
+
+    sources = sorted(sources, key=slice_position)
+    segments, report = read_seg(seg, sources), read_sr(sr) if sr is not None else None
+    angles = report.angles if report else []
+    uids = [str(d.SOPInstanceUID) for d in sources]
+    measured = [a.sop_instance_uid for a in angles if a.sop_instance_uid in uids]
+    k = uids.index(measured[0]) if measured else len(sources) // 2
+    return render_slice(sources, k, segments, angles, out, title), segments, report
 
 
 def render_gradcam(source: Dataset, heatmap: np.ndarray, out: Path, title: str = "") -> Path:

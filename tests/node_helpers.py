@@ -72,6 +72,9 @@ class NodeProcess:
         config["node"].update({"port": self.port, "host": "127.0.0.1"})
         config["node"].setdefault("storage", str(tmp / "var"))
         config.setdefault("plugins", []).append("tests.plugins.pipelines_for_tests")
+        api = config.setdefault("api", {})
+        api.setdefault("port", free_port())
+        self.api_url = f"{'https' if api.get('certfile') else 'http'}://127.0.0.1:{api['port']}"
         self.storage = Path(config["node"]["storage"])
         self.config_path = tmp / "node.yaml"
         self.config_path.write_text(yaml.safe_dump(config))
@@ -79,10 +82,12 @@ class NodeProcess:
         self.proc: subprocess.Popen | None = None
         self.log = tmp / "node.log"
 
+    def command(self) -> list[str]:
+        return [*dicomnode_cmd(), "serve", "--config", str(self.config_path)]
+
     def start(self) -> "NodeProcess":
         self._logf = open(self.log, "ab")
-        self.proc = subprocess.Popen([*dicomnode_cmd(), "serve", "--config", str(self.config_path)], cwd=ROOT, env=self.env,
-                                     stdout=self._logf, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(self.command(), cwd=ROOT, env=self.env, stdout=self._logf, stderr=subprocess.STDOUT)
         wait_port(self.port, proc=self.proc)
         return self
 
@@ -146,6 +151,58 @@ class Orthanc:
         r = requests.post(self.url + path, data=data if isinstance(data, bytes) else json.dumps(data), timeout=60)
         r.raise_for_status()
         return r.json()
+
+
+class RedisServer:
+    """A real redis-server (Debian package) on a loopback port, nothing saved to disk."""
+
+    def __init__(self, tmp: Path):
+        self.tmp, self.port = tmp, free_port()
+        tmp.mkdir(parents=True, exist_ok=True)
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "RedisServer":
+        exe = shutil.which("redis-server") or "/usr/bin/redis-server"
+        self.proc = subprocess.Popen([exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                                      "--dir", str(self.tmp)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port, proc=self.proc)
+        return self
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+class WorkerProcess:
+    """`dicomnode worker` in its own process group (so a test can kill it and its children at once)."""
+
+    def __init__(self, node: NodeProcess, name: str, *args: str):
+        self.node, self.name, self.args = node, name, args
+        self.log = node.tmp / f"worker-{name}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "WorkerProcess":
+        self._logf = open(self.log, "ab")
+        self.proc = subprocess.Popen([*dicomnode_cmd(), "worker", "--config", str(self.node.config_path), "--name", f"{self.name}@test",
+                                      *self.args],
+                                     cwd=ROOT, env=self.node.env, stdout=self._logf, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(lambda: "ready." in self.log.read_text(errors="replace"), 60, what=f"worker {self.name} ready")
+        return self
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
 
 
 def phantom_series(tmp: Path, seed: int = 11) -> Path:

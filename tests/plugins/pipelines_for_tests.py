@@ -38,7 +38,7 @@ def derive(files: list[Path], out: Path, options: ResultOptions | None = None) -
 def slow_derive(files: list[Path], out: Path, options: ResultOptions | None = None) -> list[Path]:
     marker = Path(os.environ["DICOMNODE_TEST_MARKERS"])
     marker.mkdir(parents=True, exist_ok=True)
-    (marker / f"attempt-{time.time_ns()}").touch()
+    (marker / f"attempt-{os.getpid()}-{time.time_ns()}").touch()  # the pid says which worker ran it
     time.sleep(float(os.environ.get("DICOMNODE_TEST_SLEEP", "0")))
     return derive(files, out)
 
