@@ -64,11 +64,13 @@ def run(tmp: Path, files: list[Path], processes: int, env: dict, node: dict, par
         folder = Path(tempfile.mkdtemp(dir=tmp))
         config = folder / "node.yaml"
         config.write_text(yaml.safe_dump({"node": {"port": port, "host": "127.0.0.1", "storage": str(folder / "var"), **node},
-                                          "rules": []}))
+                                          "rules": [], "api": {"enabled": False}}))
         procs.append(subprocess.Popen([sys.executable, "-c", WRAPPER, "serve", "--config", str(config)],
                                       env=dicomnode_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         wait_port(port, proc=procs[-1])
     time.sleep(2)
+    if any(p.poll() is not None for p in procs):  # a second process that could not share the port
+        raise RuntimeError("a node process of this variation exited at start")
     cpu0, idle0, t0 = sum(cpu_seconds(p.pid) for p in procs), idle_seconds(), time.time()
     seconds = send(port, "DICOMNODE", files, parallel)
     wall = time.time() - t0

@@ -9,14 +9,13 @@ work; nothing slow runs in a request except C-ECHO.
 from __future__ import annotations
 
 import hmac
-import json
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Body, Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, PlainTextResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -133,6 +132,26 @@ def create_app(node: "Node", tokens: dict[str, str]) -> FastAPI:
     def metrics(_: Reader) -> str:
         """Prometheus text: C-STORE outcomes and latency, jobs by state, job durations, storage."""
         return node.metrics_text()
+
+    @app.get("/tools/now", response_class=PlainTextResponse)
+    def now(_: Reader) -> str:
+        """The node's clock in UTC, as Orthanc writes it (YYYYMMDDTHHMMSS)."""
+        return time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+
+    @app.post("/tools/lookup", openapi_extra={"requestBody": {"required": True,
+                                                            "content": {"text/plain": {"schema": {"type": "string"}}}}})
+    async def lookup(request: Request, _: Reader) -> list[dict[str, str]]:
+        """Which stored study, series or instance a UID (the plain-text body) names, as Orthanc's lookup."""
+        uid = (await request.body()).decode(errors="replace").strip()
+        if not UID_PATTERN.match(uid) or len(uid) > 64:
+            raise HTTPException(422, "the body must be one DICOM UID (digits and dots)")
+        if node.storage.instance(uid) is not None:
+            return [{"ID": uid, "Type": "Instance", "Path": f"/instances/{uid}/file"}]
+        if node.storage.series(uid) is not None:
+            return [{"ID": uid, "Type": "Series", "Path": f"/series/{uid}"}]
+        if node.storage.study_series(uid):
+            return [{"ID": uid, "Type": "Study", "Path": f"/studies/{uid}"}]
+        return []
 
     # ------------------------------------------------------------------ stored data
 
@@ -337,9 +356,5 @@ def create_app(node: "Node", tokens: dict[str, str]) -> FastAPI:
 
     if (WEB / "index.html").is_file():
         app.mount("/ui", StaticFiles(directory=WEB, html=True), name="ui")
-
-    @app.exception_handler(json.JSONDecodeError)
-    def bad_json(request: Request, exc: json.JSONDecodeError) -> Response:
-        return PlainTextResponse(f"the body is not valid JSON: {exc}", status_code=400)
 
     return app

@@ -59,6 +59,10 @@ def test_reads_follow_orthanc_and_need_a_token_except_from_localhost(tmp_path: P
         r = get(node, f"/instances/{uid}/file")
         assert r.headers["content-type"] == "application/dicom"
         assert pydicom.dcmread(pydicom.filebase.DicomBytesIO(r.content)).PixelData == pydicom.dcmread(files[uid]).PixelData
+        lookup = requests.post(node.api_url + "/tools/lookup", data=uid, timeout=10).json()
+        assert lookup == [{"ID": uid, "Type": "Instance", "Path": f"/instances/{uid}/file"}]
+        assert requests.post(node.api_url + "/tools/lookup", data=study["ID"], timeout=10).json()[0]["Type"] == "Study"
+        assert len(get(node, "/tools/now").text) == 15
         # Not found, not a UID (a path), no token for a write, a wrong token for a read.
         assert get(node, "/studies/1.2.3").status_code == 404
         assert get(node, "/instances/..%2F..%2Fetc/file").status_code in (404, 422)
