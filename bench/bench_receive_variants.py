@@ -4,7 +4,8 @@ Each variation changes one thing in a `dicomnode serve` process (by a wrapper, n
 and measures 400 instances of 512x512 16-bit MR sent by DCMTK storescu, one association and eight:
 
 - baseline: the node as shipped;
-- two processes on one port (SO_REUSEPORT): if the interpreter lock were the limit, this doubles;
+- two and three processes on one port (SO_REUSEPORT; the kernel spreads the associations by a
+  hash of their addresses, not evenly): if the interpreter lock were the limit, this scales;
 - no fsync: if durability were the limit, this rises;
 - 16 KiB PDUs: what a small maximum PDU costs (the node offers an unlimited one).
 
@@ -30,9 +31,13 @@ from bench.bench_receive import make_instances, send  # noqa: E402
 from tests.node_helpers import dicomnode_env, free_port, wait_port  # noqa: E402
 
 WRAPPER = """
-import os, sys
-from pynetdicom.transport import ThreadedAssociationServer
-ThreadedAssociationServer.allow_reuse_port = True
+import os, socket, sys
+from pynetdicom.transport import AssociationServer
+_bind = AssociationServer.server_bind  # pynetdicom's own bind ignores socketserver's allow_reuse_port
+def server_bind(self):
+    self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    _bind(self)
+AssociationServer.server_bind = server_bind
 if os.environ.get("BENCH_NO_FSYNC"):
     os.fsync = lambda fd: None
 from dicomnode.cli import main
@@ -42,6 +47,7 @@ sys.exit(main(sys.argv[1:]))
 VARIANTS = {  # name: (processes, extra environment, node section overrides)
     "baseline (as shipped)": (1, {}, {}),
     "two processes, one port (SO_REUSEPORT)": (2, {}, {}),
+    "three processes, one port": (3, {}, {}),
     "no fsync": (1, {"BENCH_NO_FSYNC": "1"}, {}),
     "max PDU 16 KiB": (1, {}, {"max_pdu": 16384}),
 }

@@ -237,11 +237,6 @@ def _train(args: argparse.Namespace) -> int:
         if args.model == "disc-herniation":
             cfg.epochs = args.epochs or cfg.epochs
             cfg.data_dir = args.data
-        if args.study_only:
-            if args.model != "degeneration":
-                raise SystemExit("error: --study-only is for degeneration (its four-class study label)")
-            print(f"study label refitted in: {module.refit_study(Path(args.out), cfg, Path(args.cache))}")
-            return 0
         print(f"model folder written: {module.train(cfg, Path(args.out), Path(args.cache))}")
         return 0
     from training.datasets.real_lumbar import load_cases, split
@@ -384,8 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", help="disc-herniation: your own data instead of the phantom: region/ and discs/ (YOLO "
                     "folders with train and val splits) and crops/{train,val}/{normal,herniated}/ (images)")
     tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--study-only", action="store_true", help="degeneration: refit only the four-class study label of "
-                    "the model folder at --out, in place (its CNNs stay)")
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "

@@ -57,6 +57,7 @@ class Node:
         self.result_options = ResultOptions(**cfg.results.model_dump())
         self.gpus = 0
         self._stop = threading.Event()
+        self._render_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     # ------------------------------------------------------------------ life cycle
@@ -290,7 +291,8 @@ class Node:
         sources = [pydicom.dcmread(r["path"]) for r in rows if r is not None]
         if not sources:
             return None
-        render_result(seg_ds, pydicom.dcmread(sr) if sr else None, sources, png, f"job {job.id}: {job.pipeline}")
+        with self._render_lock:  # pyplot keeps global state: one drawing at a time
+            render_result(seg_ds, pydicom.dcmread(sr) if sr else None, sources, png, f"job {job.id}: {job.pipeline}")
         return png
 
     def pipelines(self) -> list[dict]:

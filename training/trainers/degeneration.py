@@ -10,7 +10,6 @@ better on validation studies is shipped, both are reported.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import pickle
 import time
@@ -34,9 +33,6 @@ VERSION = "1.0"
 SVM_FILE = "study_svm.pkl"
 SAMPLE_WEIGHTS = (1.0, 2.0, 4.0)  # RSNA 2024: normal-mild, moderate, severe
 GRADCAM_LAYER = "layer2"  # 8x8 on a 64-pixel crop
-STUDY_FOLDS = 3  # the SVM learns from canal features of studies the network did not train on
-CNN_SVM = ("an SVM on the canal network's grade probabilities per level and its pooled features, "
-           f"fitted on out-of-fold features ({STUDY_FOLDS} folds of the training studies)")
 
 
 @dataclass
@@ -139,65 +135,12 @@ def study_features(canal_net: torch.nn.Module, crops: dict[str, np.ndarray]) -> 
     return np.concatenate([probs.ravel(), pooled])
 
 
-def studies_features(canal_net: torch.nn.Module, samples: data.DegenerationSamples,
-                     studies: list[int] | None = None) -> np.ndarray:
-    """`study_features` of the given studies (default: all, in the order of `samples.studies`)."""
+def studies_features(canal_net: torch.nn.Module, samples: data.DegenerationSamples) -> np.ndarray:
+    """`study_features` of every study with a study image, in the order of `samples.studies`."""
     by_study: dict[int, dict[str, np.ndarray]] = {}
     for crop, (study, level) in zip(samples.crops["canal"], samples.keys["canal"]):
         by_study.setdefault(study, {})[level] = crop
-    return np.stack([study_features(canal_net, by_study.get(s, {})) for s in (samples.studies if studies is None else studies)])
-
-
-def out_of_fold_features(tr: data.DegenerationSamples, cfg: DegenerationConfig, rng: np.random.Generator) -> np.ndarray:
-    """Study features of every training study from a canal network trained without it (K folds by
-    study). The shipped canal network is confident on its own training studies; an SVM taught on
-    those features called subtle pathology on new studies healthy."""
-    x, y = tr.arrays("canal")
-    crop_study = np.array([study for study, _ in tr.keys["canal"]])
-    fold = {study: k % STUDY_FOLDS for k, study in enumerate(rng.permutation(tr.studies))}
-    out: np.ndarray | None = None
-    for k in range(STUDY_FOLDS):
-        held = [study for study in tr.studies if fold[study] == k]
-        keep = ~np.isin(crop_study, held)
-        net, _ = train_network(f"canal fold {k + 1}/{STUDY_FOLDS}", x[keep], y[keep], len(data.GRADES), cfg, rng,
-                               np.array(SAMPLE_WEIGHTS))
-        f = studies_features(net, tr, held)
-        out = np.zeros((len(tr.studies), f.shape[1]), dtype=np.float32) if out is None else out
-        out[[tr.studies.index(study) for study in held]] = f
-    assert out is not None
-    return out
-
-
-def fit_study_label(nets: dict[str, torch.nn.Module], tr: data.DegenerationSamples, va: data.DegenerationSamples,
-                    cfg: DegenerationConfig, rng: np.random.Generator) -> tuple[object, dict[str, float], str]:
-    """The CNN-SVM on out-of-fold canal features, its validation accuracy beside the plain CNN's,
-    and the better of the two."""
-    svm = study_svm(out_of_fold_features(tr, cfg, rng), np.asarray(tr.study_classes), cfg.seed)
-    xv, yv = np.stack(va.study_images), np.asarray(va.study_classes)
-    with torch.inference_mode():
-        p_cnn = torch.softmax(nets["study"](torch.from_numpy(xv)), 1).numpy()
-    p_svm = svm.predict_proba(studies_features(nets["canal"], va))
-    study_val = {"cnn": float(np.mean(p_cnn.argmax(1) == yv)), "cnn_svm": float(np.mean(p_svm.argmax(1) == yv))}
-    return svm, study_val, "cnn_svm" if study_val["cnn_svm"] >= study_val["cnn"] else "cnn"
-
-
-def refit_study(folder: Path, cfg: DegenerationConfig, cache: Path) -> Path:
-    """Refit only the study label of a trained model folder, in place (its CNNs stay as they are)."""
-    from pipelines.degeneration import Model
-
-    rng = seed_everything(cfg.seed)
-    model = Model(folder)
-    tr = collect(cfg.train_seeds, cache, cfg.workers, "training studies")
-    va = collect(cfg.validation_seeds, cache, cfg.workers, "validation studies")
-    svm, study_val, chosen = fit_study_label(model.nets, tr, va, cfg, rng)
-    d = model.description
-    d["study"].update(chosen=chosen, cnn_svm=CNN_SVM, folds=STUDY_FOLDS, scikit_learn=sklearn.__version__)
-    d["validation"]["study_accuracy"] = study_val
-    d["commit"] = git_commit()
-    (folder / "model.json").write_text(json.dumps(d, indent=1))
-    (folder / SVM_FILE).write_bytes(pickle.dumps(svm))
-    log.info("degeneration study label refitted: validation %s, shipped %s", study_val, chosen)
-    return folder
+    return np.stack([study_features(canal_net, by_study.get(s, {})) for s in samples.studies])
 
 
 def study_svm(f: np.ndarray, y: np.ndarray, seed: int = 0):
@@ -246,7 +189,14 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
     xs, ys = np.stack(tr.study_images), np.asarray(tr.study_classes)
     class_weights = len(ys) / (len(data.STUDY_CLASSES) * np.maximum(np.bincount(ys, minlength=len(data.STUDY_CLASSES)), 1))
     nets["study"], losses["study"] = train_network("study", xs, ys[:, None], len(data.STUDY_CLASSES), cfg, rng, class_weights)
-    svm, study_val, chosen = fit_study_label(nets, tr, va, cfg, rng)
+    study_net, canal_net = nets["study"], nets["canal"]
+    svm = study_svm(studies_features(canal_net, tr), ys, cfg.seed)
+    xv, yv = np.stack(va.study_images), np.asarray(va.study_classes)
+    with torch.inference_mode():
+        p_cnn = torch.softmax(study_net(torch.from_numpy(xv)), 1).numpy()
+    p_svm = svm.predict_proba(studies_features(canal_net, va))
+    study_val = {"cnn": float(np.mean(p_cnn.argmax(1) == yv)), "cnn_svm": float(np.mean(p_svm.argmax(1) == yv))}
+    chosen = "cnn_svm" if study_val["cnn_svm"] >= study_val["cnn"] else "cnn"
     truth, pred = per_condition(va, val_probs)
     validation = {"rsna": rsna_score(truth, pred), "study_accuracy": study_val}
     log.info("degeneration: validation %s; study label from %s", validation, chosen)
@@ -256,8 +206,9 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
         "study_classes": list(data.STUDY_CLASSES), "views": {v: list(c) for v, c in data.VIEWS.items()},
         "auxiliary": {v: list(c) for v, c in data.AUXILIARY.items()}, "heads": {v: data.heads(v) for v in data.VIEWS},
         "network": {"block_inplanes": [16, 32, 64, 128], "layers": [1, 1, 1, 1], "gradcam_layer": GRADCAM_LAYER},
-        "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__, "folds": STUDY_FOLDS,
-                  "cnn": "the study network on the mid-sagittal lumbar region", "cnn_svm": CNN_SVM},
+        "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__,
+                  "cnn": "the study network on the mid-sagittal lumbar region",
+                  "cnn_svm": "an SVM on the canal network's grade probabilities per level and its pooled features"},
         "input": {"crop_pixels": data.CROP, "study_crop_pixels": data.STUDY_CROP, "sagittal_side": data.SAGITTAL_SIDE,
                   "axial_side_mm": data.AXIAL_SIDE_MM, "foramen_mm": data.FORAMEN_MM},
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; then each crop to zero mean, unit variance",
