@@ -21,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dicomnode import __version__
 from dicomnode.config import ConfigError, DicomDestination, RestDestination, Rule
+from dicomnode.execute import peer
 from dicomnode.jobs import STATES, Job
-from dicomnode.scu import Peer, SendError, echo
+from dicomnode.scu import SendError, echo
 from dicomnode.storage import UID as UID_PATTERN
 
 if TYPE_CHECKING:
@@ -274,8 +275,8 @@ def create_app(node: "Node", tokens: dict[str, str]) -> FastAPI:
             raise HTTPException(404, f"there is no DICOM destination named {name!r}")
         t0 = time.perf_counter()
         try:
-            status = echo(Peer(dest.ae_title, dest.host, dest.port), node.cfg.node.ae_title, timeout=5)
-        except SendError as e:
+            status = echo(peer(dest, f"destinations.{name}"), node.cfg.node.ae_title, timeout=5)
+        except (SendError, ConfigError) as e:
             raise HTTPException(502, str(e)) from None
         return {"Status": status, "Success": status == 0, "Seconds": round(time.perf_counter() - t0, 3)}
 

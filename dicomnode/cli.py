@@ -88,6 +88,7 @@ def _config(args: argparse.Namespace):
 def _peer(target: str, cfg):
     """`AE@host:port`, or the name of a DICOM destination in the configuration."""
     from dicomnode.config import DicomDestination
+    from dicomnode.execute import peer
     from dicomnode.scu import Peer
 
     if "@" in target:
@@ -100,7 +101,7 @@ def _peer(target: str, cfg):
     if not isinstance(dest, DicomDestination):
         known = ", ".join(k for k, v in cfg.destinations.items() if isinstance(v, DicomDestination)) or "none"
         raise SystemExit(f"error: {target!r} is neither AE@host:port nor a DICOM destination in the configuration (known: {known})")
-    return Peer(dest.ae_title, dest.host, dest.port)
+    return peer(dest, f"destinations.{target}")
 
 
 def _serve(args: argparse.Namespace) -> int:

@@ -58,10 +58,20 @@ class AcceptSection(_Strict):
     duplicates: Literal["keep_first", "replace"] = "keep_first"
 
 
+class ClientTls(_Strict):
+    """DICOM TLS towards a destination: trust `ca_file` (default: the system's CAs); present
+    `certfile`/`keyfile` when the destination asks for a client certificate."""
+
+    ca_file: Path | None = None
+    certfile: Path | None = None
+    keyfile: Path | None = None
+
+
 class DicomDestination(_Strict):
     ae_title: str
     host: str
     port: int = Field(ge=1, le=65535)
+    tls: ClientTls | None = None
 
     _check_ae = field_validator("ae_title")(_ae)
 

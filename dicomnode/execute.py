@@ -10,9 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from dicomnode.config import NodeConfig, RestDestination
+from dicomnode.config import DicomDestination, NodeConfig, RestDestination
 from dicomnode.scu import Peer, SendError, post_instances, store
-from dicomnode.security import resolve_secret
+from dicomnode.security import dicom_client_context, resolve_secret
 from pipelines import registry
 from structured_reports.model import ResultOptions
 
@@ -36,5 +36,10 @@ def execute(task: dict[str, Any], cfg: NodeConfig, options: ResultOptions) -> di
     if isinstance(dest, RestDestination):
         n = post_instances(dest.url, files, dest.username, resolve_secret(dest.password, f"destinations: {name}"))
     else:
-        n = store(Peer(dest.ae_title, dest.host, dest.port), files, cfg.node.ae_title)
+        n = store(peer(dest, f"destinations.{name}"), files, cfg.node.ae_title)
     return {"instances_sent": n}
+
+
+def peer(dest: DicomDestination, where: str) -> Peer:
+    """The DICOM peer of a configured destination, with its TLS context if it has one."""
+    return Peer(dest.ae_title, dest.host, dest.port, dicom_client_context(dest.tls, where) if dest.tls else None)

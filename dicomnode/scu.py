@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ class Peer:
     ae_title: str
     host: str
     port: int
+    tls: ssl.SSLContext | None = None  # DICOM TLS, the peer's certificate checked against `host`
+
+    def associate(self, ae: AE):
+        tls_args = (self.tls, self.host) if self.tls is not None else None
+        return ae.associate(self.host, self.port, ae_title=self.ae_title, evt_handlers=NODELAY_HANDLERS, tls_args=tls_args)
 
 
 def echo(peer: Peer, calling_ae: str = "DICOMNODE", timeout: float = 10) -> int:
@@ -45,7 +51,7 @@ def echo(peer: Peer, calling_ae: str = "DICOMNODE", timeout: float = 10) -> int:
     ae = AE(ae_title=calling_ae)
     ae.acse_timeout = ae.network_timeout = timeout
     ae.add_requested_context(Verification)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    assoc = peer.associate(ae)
     if not assoc.is_established:
         raise SendError(f"C-ECHO: no association with {peer.ae_title}@{peer.host}:{peer.port} (refused, rejected or unreachable)")
     try:
@@ -68,7 +74,7 @@ def store(peer: Peer, files: list[Path], calling_ae: str = "DICOMNODE", timeout:
         raise SendError(f"{len(contexts)} SOP class / transfer syntax pairs do not fit one association")
     for sop_class, syntax in sorted(contexts):
         ae.add_requested_context(sop_class, syntax)
-    assoc = ae.associate(peer.host, peer.port, ae_title=peer.ae_title, evt_handlers=NODELAY_HANDLERS)
+    assoc = peer.associate(ae)
     if not assoc.is_established:
         raise SendError(f"C-STORE: no association with {peer.ae_title}@{peer.host}:{peer.port} (refused, rejected or unreachable)")
     sent = 0

@@ -12,7 +12,7 @@ import ssl
 import stat
 from pathlib import Path
 
-from dicomnode.config import ApiSection, ConfigError, NodeConfig, RestDestination, TlsSection
+from dicomnode.config import ApiSection, ClientTls, ConfigError, NodeConfig, RestDestination, TlsSection
 
 TOKEN_ENV = "DICOMNODE_API_TOKEN"
 _ENV_REF = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_]*)\}$")
@@ -69,6 +69,18 @@ def check_written_secrets(cfg: NodeConfig, path: Path) -> None:
         if isinstance(dest, RestDestination) and dest.password and not _ENV_REF.match(dest.password):
             check_private(path, f"destination {name!r} has its password written in the configuration (write it as "
                                 "${NAME} and set NAME in the environment, or protect the file):")
+
+
+def dicom_client_context(tls: ClientTls, where: str) -> ssl.SSLContext:
+    """Client-side TLS towards a destination: its certificate is verified (host name included)."""
+    ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(tls.ca_file) if tls.ca_file else None)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    if tls.certfile is not None:
+        if tls.keyfile is None:
+            raise ConfigError(f"{where}.tls: a certfile needs its keyfile")
+        check_private(tls.keyfile, f"{where}.tls.keyfile")
+        ctx.load_cert_chain(str(tls.certfile), str(tls.keyfile))
+    return ctx
 
 
 def dicom_server_context(tls: TlsSection) -> ssl.SSLContext:

@@ -10,8 +10,8 @@ import requests
 
 from dicomnode.config import ConfigError, parse_config
 from dicomnode.security import check_written_secrets, load_tokens, resolve_secret
-from tests.node_helpers import ROOT, NodeProcess, phantom_series
-from tests.test_node import indexed
+from tests.node_helpers import ROOT, NodeProcess, phantom_series, wait_for
+from tests.test_node import indexed, jobs
 
 
 def openssl(*args: str) -> None:
@@ -55,6 +55,31 @@ def test_dicom_tls_with_dcmtk_storescu(tmp_path: Path, certs: Path) -> None:
         assert "(DICOM TLS)" in node.log_text()
     finally:
         node.stop()
+
+
+def test_results_go_to_a_tls_destination_with_a_client_certificate(tmp_path: Path, certs: Path) -> None:
+    tls = {"certfile": str(certs / "server.pem"), "keyfile": str(certs / "server.key"), "ca_file": str(certs / "ca.pem")}
+    receiver = NodeProcess(tmp_path / "receiver", {"node": {"tls": tls}}).start()
+    dest = {"ae_title": "DICOMNODE", "host": "127.0.0.1", "port": receiver.port}
+    client = {"ca_file": str(certs / "ca.pem"), "certfile": str(certs / "client.pem"), "keyfile": str(certs / "client.key")}
+    cfg = {"assembly": {"series_quiet_seconds": 0.5}, "jobs": {"send_max_attempts": 1},
+           "destinations": {"secure": {**dest, "tls": client}, "plain": dest},
+           "rules": [{"name": "all", "match": {}, "pipelines": ["derive"], "send_to": ["secure", "plain"]}]}
+    token = "tls-test-token-0123456789"
+    node = NodeProcess(tmp_path / "sender", cfg, env={"DICOMNODE_API_TOKEN": token}).start()
+    try:
+        assert storescu_tls(node.port, phantom_series(tmp_path, seed=51)).returncode == 0
+        settled = lambda: [j for j in jobs(node) if j["kind"] == "send" and j["state"] in ("done", "dead")]  # noqa: E731
+        wait_for(lambda: len(settled()) == 2, 60, what="both sends settled")
+        by_dest = {j["destination"]: j["state"] for j in settled()}
+        assert by_dest == {"secure": "done", "plain": "dead"}
+        assert len(indexed(receiver)) == 1  # the derived instance, over TLS only
+        auth = {"Authorization": f"Bearer {token}"}
+        assert requests.post(node.api_url + "/modalities/secure/echo", headers=auth, timeout=30).json()["Success"] is True
+        assert requests.post(node.api_url + "/modalities/plain/echo", headers=auth, timeout=30).status_code == 502
+    finally:
+        node.stop()
+        receiver.stop()
 
 
 def test_https_api_and_a_readable_key_is_refused(tmp_path: Path, certs: Path) -> None:
