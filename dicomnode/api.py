@@ -237,7 +237,7 @@ def create_app(node: "Node", tokens: dict[str, str]) -> FastAPI:
     # ------------------------------------------------------------------ modalities (destinations)
 
     def _destinations() -> dict[str, Any]:
-        return {k: v.model_dump(mode="json") | ({"password": "***"} if getattr(v, "password", None) else {})
+        return {k: v.model_dump(mode="json", exclude_none=True) | ({"password": "***"} if getattr(v, "password", None) else {})
                 for k, v in node.cfg.destinations.items()}
 
     @app.get("/modalities")

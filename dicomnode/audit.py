@@ -34,9 +34,6 @@ class Audit:
         with self._lock:
             self._f.close()
 
-    def read(self) -> list[dict]:
-        return [e for _, e in self.read_since(0)]
-
     def read_since(self, since: int, limit: int | None = None) -> list[tuple[int, dict]]:
         """Events after line `since`, numbered by line (1 = the first), at most `limit` of them."""
         out: list[tuple[int, dict]] = []

@@ -23,7 +23,7 @@ def test_shipped_configuration_loads() -> None:
     ({"node": {"ae_title": "TOO_LONG_FOR_AN_AE"}}, "not a valid AE title"),
     ({"node": {"port": 70000}}, "node.port"),
     ({"rules": [{"name": "r", "pipelines": ["x"], "send_to": ["nowhere"]}]}, "sends to 'nowhere'"),
-    ({"destinations": {"pacs": {"ae_title": "PACS", "host": "h", "port": 104, "tls": True}}}, "unknown key"),
+    ({"destinations": {"pacs": {"ae_title": "PACS", "host": "h", "port": 104, "colour": "red"}}}, "unknown key"),
 ])
 def test_bad_configuration_is_refused_with_the_key(data: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):
