@@ -220,8 +220,7 @@ class Node:
         self.jobs.done(job.id, result)
         self.audit.write("finished" if job.kind == "process" else "sent", job=job.id, series_uid=job.series_uid,
                          seconds=round(time.time() - t0, 3), **result)
-        self.metrics.observe("dicomnode_job_seconds", time.time() - t0, kind=job.kind, outcome="done",
-                             target=job.pipeline or job.destination or "")
+        self._observe(job, "done", t0)
 
     def failed(self, job: Job, reason: str, t0: float) -> None:
         """A job's attempt failed: retry later with back-off, or dead after the last attempt."""
@@ -232,7 +231,10 @@ class Node:
         else:
             log.warning("%s failed: %s; it will be retried", what, reason)
         self.audit.write("failed", job=job.id, kind=job.kind, state=state, reason=reason, seconds=round(time.time() - t0, 3))
-        self.metrics.observe("dicomnode_job_seconds", time.time() - t0, kind=job.kind, outcome=state,
+        self._observe(job, state, t0)
+
+    def _observe(self, job: Job, outcome: str, t0: float) -> None:
+        self.metrics.observe("dicomnode_job_seconds", time.time() - t0, kind=job.kind, outcome=outcome,
                              target=job.pipeline or job.destination or "")
 
     def _destination_name(self, job: Job) -> str:
@@ -274,8 +276,10 @@ class Node:
         and SR, or those of the other pipelines on the same study (lordosis writes angles, spine-seg the SEG)."""
         folder = self.results / f"job-{job.id}"
         png = folder / "preview.png"
-        if png.is_file() or job.kind != "process" or job.state != "done":
-            return png if png.is_file() else None
+        if png.is_file():
+            return png
+        if job.kind != "process" or job.state != "done":
+            return None
         siblings = self.jobs.list("kind='process' AND state='done' AND study_uid=? AND id<>?", (job.study_uid, job.id))
         folders = [folder] + [self.results / f"job-{j.id}" for j in siblings]
         seg = next((f / "seg.dcm" for f in folders if (f / "seg.dcm").is_file()), None)
