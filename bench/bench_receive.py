@@ -46,6 +46,16 @@ def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
     return time.perf_counter() - t0
 
 
+OURS = "dicomnode serve (fsync + SQLite index)"
+OURS_2 = "dicomnode serve, 2 receiver processes (`node.receivers: 2`)"
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (a node's receiver processes)."""
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [q for c in children for q in process_tree(int(c))]
+
+
 def peak_rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM"):
@@ -60,12 +70,15 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     files = make_instances(tmp, args.n)
     rates: dict[str, dict[int, float]] = {}
-    peak = 0.0
+    peaks: dict[int, float] = {}
     for parallel in (1, 8):
-        node = NodeProcess(tmp / f"node{parallel}", {}).start()
-        rates.setdefault("dicomnode serve (fsync + SQLite index)", {})[parallel] = args.n / send(node.port, "DICOMNODE", files, parallel)
-        peak = max(peak, peak_rss_mb(node.proc.pid))
-        node.stop()
+        for name, receivers in ((OURS, 1), (OURS_2, 2)):
+            node = NodeProcess(tmp / f"node{parallel}-{receivers}", {"node": {"receivers": receivers}}).start()
+            time.sleep(2 if receivers > 1 else 0)  # the receiver processes start
+            rates.setdefault(name, {})[parallel] = args.n / send(node.port, "DICOMNODE", files, parallel)
+            rss = sum(map(peak_rss_mb, process_tree(node.proc.pid)))
+            peaks[receivers] = max(peaks.get(receivers, 0.0), rss)
+            node.stop()
         out = tmp / f"storescp{parallel}"
         out.mkdir()
         port = free_port()
@@ -101,10 +114,12 @@ def main() -> None:
     print("| receiver | 1 association (inst/s) | 8 at once (inst/s) |\n|---|---|---|")
     for name, r in rates.items():
         print(f"| {name} | {r[1]:.0f} | {r[8]:.0f} |")
-    ours = rates["dicomnode serve (fsync + SQLite index)"]
-    for ref in ("DCMTK storescp (no fsync, no index)", "Orthanc (Debian package, SQLite)"):
-        print(f"\ndicomnode / {ref}: {ours[1] / rates[ref][1]:.2f} (1 association), {ours[8] / rates[ref][8]:.2f} (8 at once)")
-    print(f"\npeak RSS of `dicomnode serve` while receiving: {peak:.0f} MB")
+    for name in (OURS, OURS_2):
+        for ref in ("DCMTK storescp (no fsync, no index)", "Orthanc (Debian package, SQLite)"):
+            print(f"\n{name} / {ref}: {rates[name][1] / rates[ref][1]:.2f} (1 association), "
+                  f"{rates[name][8] / rates[ref][8]:.2f} (8 at once)")
+    print(f"\npeak RSS of `dicomnode serve` while receiving: {peaks[1]:.0f} MB; with 2 receivers, all its processes "
+          f"together: {peaks[2]:.0f} MB")
     print(f"last instance -> job start, beyond the {quiet:.0f} s quiet period: median {1000 * np.median(delays):.0f} ms "
           f"(max {1000 * max(delays):.0f} ms, {len(delays)} series)")
     shutil.rmtree(tmp, ignore_errors=True)

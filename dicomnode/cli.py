@@ -243,7 +243,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.datasets.real_lumbar import load_cases, split
     from training.trainers.spine_seg import SpineSegConfig, train
 
-    cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends)
+    cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -382,6 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
+    tr.add_argument("--run-rows", action="store_true", help="real cases: teach that in the rows inside the labelled "
+                    "run every unlabelled voxel (prevertebral tissue, posterior elements, slices lateral to the spine) "
+                    "is not of the labelled kind")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")

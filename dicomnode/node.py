@@ -16,6 +16,7 @@ from dicomnode.config import ConfigError, DicomDestination, NodeConfig, Rule
 from dicomnode.execute import execute
 from dicomnode.jobs import Job, JobStore
 from dicomnode.metrics import Metrics
+from dicomnode.receivers import Receivers
 from dicomnode.routing import route
 from dicomnode.scp import StoreSCP
 from dicomnode.scu import SendError
@@ -54,6 +55,7 @@ class Node:
         self.scp = StoreSCP(cfg, self.storage, self.audit, self._received, self.metrics)
         self.editor = ConfigEditor(cfg, config_path, self.audit, registry.get)
         self.api: ApiServer | None = None
+        self.receivers: Receivers | None = None
         self.result_options = ResultOptions(**cfg.results.model_dump())
         self.gpus = 0
         self._stop = threading.Event()
@@ -97,7 +99,10 @@ class Node:
             self._threads.append(t)
         if self.cfg.api.enabled:
             self.api = ApiServer(self, load_tokens(self.cfg.api)).start()
-        self.scp.start()
+        extra = self.cfg.node.receivers - 1
+        self.scp.start(shared_port=extra > 0)
+        if extra:
+            self.receivers = Receivers(self.cfg, self._received, self.metrics).start(extra)
         return self
 
     def _housekeep(self) -> None:
@@ -112,6 +117,8 @@ class Node:
 
     def stop(self) -> None:
         self.scp.stop()
+        if self.receivers is not None:
+            self.receivers.stop()
         if self.api is not None:
             self.api.stop()
         self.assembler.stop()

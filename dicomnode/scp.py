@@ -6,7 +6,11 @@ before Success) and the assembler is told; routing and pipelines run elsewhere.
 
 from __future__ import annotations
 
+import copy
 import logging
+import socket
+import socketserver
+import threading
 import time
 from typing import Any, Callable
 
@@ -59,6 +63,39 @@ def _check_pixel_length(ds: Dataset, transfer_syntax: UID) -> None:
                               "the instance is truncated")
 
 
+class SharedUIDContexts(list):
+    """The listener's supported presentation contexts. pynetdicom deep-copies them for every
+    association; for every storage SOP class with every transfer syntax that re-creates and
+    re-validates ~8,000 UIDs, about 45 ms holding the interpreter lock per association. UIDs are
+    immutable, so each association still gets its own context objects, sharing the UIDs (3 ms)."""
+
+    def __init__(self, contexts: list) -> None:
+        super().__init__(contexts)
+        self._uids = {id(u): u for cx in self for u in (cx.abstract_syntax, *cx.transfer_syntax)}
+
+    def __deepcopy__(self, memo: dict) -> list:
+        memo.update(self._uids)
+        return [copy.deepcopy(cx, memo) for cx in self]
+
+
+class Listener(ThreadedAssociationServer):
+    """pynetdicom's threaded server, made by `AE.make_server` rather than `start_server` so that
+    the port can be shared; the AE does not list it, so shutting down leaves the AE's list alone."""
+
+    def shutdown(self) -> None:
+        socketserver.BaseServer.shutdown(self)
+        self.server_close()
+
+
+class SharedPortListener(Listener):
+    """SO_REUSEPORT set before binding, so that receiver processes share the port (pynetdicom's
+    own `server_bind` ignores socketserver's `allow_reuse_port`)."""
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
+
+
 class StoreSCP:
     def __init__(self, cfg: NodeConfig, storage: Storage, audit: Audit, on_stored: Callable[[Identity], None],
                  metrics: Metrics | None = None):
@@ -77,13 +114,16 @@ class StoreSCP:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self) -> ThreadedAssociationServer:
+    def start(self, shared_port: bool = False) -> ThreadedAssociationServer:
+        """Listen; with `shared_port`, other processes may listen on the same port (receivers)."""
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_ECHO, lambda e: SUCCESS),
                     (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
         addr = (self.cfg.node.host, self.cfg.node.port)
         tls = self.cfg.node.tls
-        self.server = self._ae().start_server(addr, block=False, evt_handlers=handlers,
-                                              ssl_context=dicom_server_context(tls) if tls else None)
+        self.server = self._ae().make_server(addr, evt_handlers=handlers, ssl_context=dicom_server_context(tls) if tls else None,
+                                             server_class=SharedPortListener if shared_port else Listener)
+        self.server.contexts = SharedUIDContexts(self.server.contexts)
+        threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
         log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
         return self.server
 

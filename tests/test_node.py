@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+import os
+import signal
 import sqlite3
 import subprocess
 import threading
 import time
+import urllib.request
 from io import BytesIO
 from pathlib import Path
 
@@ -350,5 +353,80 @@ def test_study_rules_wait_for_the_whole_study(tmp_path: Path) -> None:
         assert json.loads(study_job["payload"])["scope"] == "study"
         derived = pydicom.dcmread(node.storage / "results" / f"job-{study_job['id']}" / "derived.dcm")
         assert derived.ImageComments == f"derived from {n} instances"
+    finally:
+        node.stop()
+
+
+def test_each_association_gets_its_own_contexts_sharing_the_uids() -> None:
+    """The per-association copy of the listener's contexts: new context objects (negotiation
+    writes results into them), equal syntaxes, the same immutable UID objects."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts
+    from pynetdicom.presentation import build_context
+
+    from dicomnode.scp import SharedUIDContexts
+
+    contexts = SharedUIDContexts([build_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES) for cx in AllStoragePresentationContexts])
+    copied = copy.deepcopy(contexts)
+    assert len(copied) == len(contexts) > 100
+    for a, b in zip(contexts, copied):
+        assert a is not b and a.transfer_syntax == b.transfer_syntax and a.abstract_syntax is b.abstract_syntax
+    copied[0].result, copied[0].context_id = 0, 1
+    copied[0].transfer_syntax = [ALL_TRANSFER_SYNTAXES[0]]
+    assert contexts[0].result is None and contexts[0].context_id is None
+    assert len(contexts[0].transfer_syntax) == len(ALL_TRANSFER_SYNTAXES)
+
+
+def receiver_pids(node: NodeProcess) -> list[int]:
+    """The node's receiver processes (spawned by multiprocessing; not its resource tracker)."""
+    pids = []
+    for c in subprocess.run(["pgrep", "-P", str(node.proc.pid)], capture_output=True, text=True).stdout.split():
+        try:
+            if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes():
+                pids.append(int(c))
+        except FileNotFoundError:  # exited meanwhile
+            pass
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().split()
+    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path) -> None:
+    """`node.receivers: 2`: a second listener process on the same port. Sixteen senders at once:
+    every instance stored once, every series routed once, the audit and /metrics count every
+    instance, and the receiver did its share. Killed, it is started again; it ends with the node,
+    even when the node is killed."""
+    node = NodeProcess(tmp_path / "node", {"node": {"receivers": 2}, "assembly": {"series_quiet_seconds": 1},
+                                           "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}).start()
+    try:
+        [receiver] = wait_for(lambda: receiver_pids(node), 30, what="a receiver process")
+        wait_for(lambda: b"dicomnode.scp[" in node.log.read_bytes(), 30, what="the receiver listening")
+        template = next(phantom_series(tmp_path).glob("*.dcm"))
+        folders = [tmp_path / f"s{i}" for i in range(16)]
+        for f in folders:
+            bulk_instances(template, f, 25)
+        cpu0 = cpu_seconds(receiver)
+        procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port),
+                                   str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for f in folders]
+        assert all(p.wait(600) == 0 for p in procs)
+        assert cpu_seconds(receiver) - cpu0 > 0.1  # it received some of the associations
+        db = sqlite3.connect(node.storage / "index.sqlite")
+        assert db.execute("SELECT COUNT(*), COUNT(DISTINCT sop_instance_uid) FROM instances").fetchone() == (400, 400)
+        wait_for(lambda: len([j for j in jobs(node) if j["state"] == "done"]) == 16, 120, what="16 jobs done")
+        assert len({j["series_uid"] for j in jobs(node)}) == 16
+        audit = (node.storage / "audit.jsonl").read_text()
+        assert audit.count('"event": "received"') == 400
+        metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
+        assert 'dicomnode_c_store_total{status="success"} 400' in metrics
+
+        os.kill(receiver, signal.SIGKILL)
+        [again] = wait_for(lambda: [p for p in receiver_pids(node) if p != receiver], 30, what="the receiver restarted")
+        assert b"starting it again" in node.log.read_bytes()
+        assert storescu(node.port, folders[0]).returncode == 0
+        node.kill()
+        wait_for(lambda: not Path(f"/proc/{again}").exists() or b"State:\tZ" in Path(f"/proc/{again}/status").read_bytes(),
+                 20, what="the receiver ended with the node")
     finally:
         node.stop()

@@ -92,3 +92,28 @@ def test_what_the_level_names_imply_beyond_the_labels() -> None:
         edge = np.nonzero(column)[0].max() + 3 if last_or_first == "last" else np.nonzero(column)[0].min() - 3
         assert real_classes(c)[edge, col, k] == IGNORE
         assert real_classes(c, beyond_ends=True)[edge, col, k] == mark
+
+
+def test_rows_inside_the_labelled_run_teach_what_is_not_that_kind() -> None:
+    """With `run_rows`, in the rows of L3 the canal and posterior elements behind it and a slice
+    lateral to the spine are "not a body"; T12 above L1 and S1 below L5 stay unknown, and the
+    lateral slices join the training slices."""
+    from training.datasets.spine_seg import IGNORE, LATERAL_SLICES, NOT_BODY, real_classes, real_slices
+
+    c = load_case(DEFAULT_DIR / "VB3_01.npz")
+    plain, rows_on = real_classes(c), real_classes(c, run_rows=True)
+    rows, cols, slices = np.nonzero(c.labels == 3)
+    row, k = int(np.median(rows)), int(np.median(slices))
+    behind = np.nonzero(c.labels[row, :, k] == 3)[0].max() + 10  # the canal, 10 mm behind L3
+    lateral = slices.min() - 3
+    assert plain[row, behind, k] == plain[row, behind, lateral] == IGNORE
+    assert rows_on[row, behind, k] == rows_on[row, behind, lateral] == NOT_BODY
+    assert (rows_on[c.labels == 3] == 1).all()
+    for label, step in ((1, -1), (5, 1)):  # just above L1 and just below L5
+        r, cc, s = np.nonzero(c.labels == label)
+        col, sl = int(np.median(cc)), int(np.median(s))
+        column = np.nonzero(c.labels[:, col, sl] == label)[0]
+        beyond = (column.min() - 5) if step < 0 else (column.max() + 5)
+        assert rows_on[beyond, col, sl] == IGNORE
+    labelled = int((c.labels > 0).any(axis=(0, 1)).sum())
+    assert len(real_slices(c, run_rows=True).images) == labelled + 2 * LATERAL_SLICES

@@ -38,16 +38,19 @@ def phantom_classes(labels: np.ndarray) -> np.ndarray:
     return _PHANTOM_LUT[labels]
 
 
-def real_classes(case: RealCase, beyond_ends: bool = False) -> np.ndarray:
+def real_classes(case: RealCase, beyond_ends: bool = False, run_rows: bool = False) -> np.ndarray:
     """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere,
     and between two labelled neighbours (the disc between two bodies, the body between two discs)
     NOT_BODY or NOT_DISC: what lies there is unlabelled, but certainly not the labelled kind.
+    With `run_rows`, the same for every unlabelled voxel in the rows inside the labelled run.
 
     VB1 does not say which bodies it labels; its lowest may be S1, so that one is IGNORE too."""
     cls = np.full(case.labels.shape, IGNORE, dtype=np.uint8)
     cls[case.known()] = 0
     kind = 1 if case.kind == "vertebral_body" else 3
     between = _between_neighbours(case.labels) | (_beyond_the_ends(case) if beyond_ends else False)
+    if run_rows:
+        between = between | _inside_the_run(case.labels)
     cls[between & (cls == IGNORE)] = NOT_BODY if kind == 1 else NOT_DISC
     cls[case.labels > 0] = kind
     if case.dataset == "VB1":
@@ -75,6 +78,21 @@ def _beyond_the_ends(case: RealCase) -> np.ndarray:
             out |= has[None] & (rows > edge[None]) & (rows <= edge[None] + height)
         else:
             out |= has[None] & (rows < edge[None]) & (rows >= edge[None] - height)
+    return out
+
+
+def _inside_the_run(labels: np.ndarray) -> np.ndarray:
+    """The rows from the top of the second labelled structure to the bottom of the second-to-last,
+    in every column and sagittal slice. Every structure of the labelled kind there is labelled (an
+    unlabelled neighbour such as T12 or S1 lies beyond the first or last one, even where endplates
+    are tilted), so an unlabelled voxel there - prevertebral tissue, posterior elements, the canal,
+    a slice lateral to the spine - is certainly not of that kind."""
+    out = np.zeros(labels.shape, dtype=bool)
+    n = int(labels.max())
+    if n >= 3:
+        top = np.nonzero((labels == 2).any(axis=(1, 2)))[0].min()
+        bottom = np.nonzero((labels == n - 1).any(axis=(1, 2)))[0].max()
+        out[top:bottom + 1] = True
     return out
 
 
@@ -145,13 +163,20 @@ def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"),
     return out
 
 
-def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False) -> Slices:
-    """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid)."""
+LATERAL_SLICES = 5  # with `run_rows`: unlabelled slices either side of the labelled ones (2 mm apart)
+
+
+def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run_rows: bool = False) -> Slices:
+    """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid); with
+    `run_rows`, also the slices just lateral to them, which teach what is not a body or disc."""
     image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
     images = with_context(image, context) if context else image
-    classes = real_classes(case, beyond_ends)
+    classes = real_classes(case, beyond_ends, run_rows)
+    slices = np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]
+    if run_rows:
+        slices = np.arange(max(slices.min() - LATERAL_SLICES, 0), min(slices.max() + LATERAL_SLICES + 1, len(image)))
     out = Slices([], [], [])
-    for k in np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]:
+    for k in slices:
         out.images.append(np.ascontiguousarray(images[k]))
         out.targets.append(np.ascontiguousarray(classes[:, :, k]))
         out.origin.append(f"real:{case.case_id}")

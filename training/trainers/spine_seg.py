@@ -36,6 +36,7 @@ class SpineSegConfig:
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
     context: int = 0  # neighbouring slices on either side as extra input channels: 0 is 2-D, 1 is 2.5-D
     beyond_ends: bool = False  # real cases: below L5 is no lumbar body, above the L1/L2 disc no disc
+    run_rows: bool = False  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
     seed: int = 0
     workers: int = 2
 
@@ -64,7 +65,7 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
     real = data.Slices([], [], [])
     for case in load_cases(Path(cfg.real_dir)):
         if cfg.real_cases is None or case.case_id in cfg.real_cases:
-            real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends))
+            real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows))
     return phantom, real
 
 

@@ -1,0 +1,119 @@
+"""Extra listener processes on the node's port (`node.receivers` > 1).
+
+One Python process receives eight associations at once no faster than one: the interpreter lock
+serialises them (docs/BENCHMARKS.md). Each extra process runs the same C-STORE listener on the same
+port (SO_REUSEPORT: the kernel spreads new associations over the processes), writes to the same
+storage and SQLite index, and tells the main process what it stored and counted, so that the
+assembler and `/metrics` see every instance. A receiver that exits is started again; receivers
+end with the main process, even when that is killed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any, Callable
+
+from dicomnode.audit import Audit
+from dicomnode.config import NodeConfig
+from dicomnode.metrics import Metrics
+from dicomnode.scp import StoreSCP
+from dicomnode.storage import Identity, Storage
+
+log = logging.getLogger("dicomnode.receivers")
+PR_SET_PDEATHSIG = 1
+
+
+class ForwardedMetrics(Metrics):
+    """A receiver's counters, sent to the main process rather than kept."""
+
+    def __init__(self, send: Callable[[tuple], None]) -> None:
+        super().__init__()
+        self._send = send
+
+    def inc(self, metric: str, amount: float = 1, **labels: str) -> None:
+        self._send(("inc", metric, amount, labels))
+
+    def observe(self, metric: str, seconds: float, **labels: str) -> None:
+        self._send(("observe", metric, seconds, labels))
+
+
+def receive(cfg: NodeConfig, conn: Connection) -> None:
+    """A receiver process: the node's listener, reporting to the main process over `conn`."""
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # end with the main process, even on SIGKILL
+    if os.getppid() != multiprocessing.parent_process().pid:  # it ended before the line above
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    lock = threading.Lock()
+
+    def send(message: tuple) -> None:
+        with lock:  # association threads share the pipe
+            conn.send(message)
+
+    root = Path(cfg.node.storage).resolve()
+    storage, audit = Storage(root, cfg.accept.duplicates), Audit(root / "audit.jsonl")
+    scp = StoreSCP(cfg, storage, audit, lambda ident: send(("stored", ident)), ForwardedMetrics(send))
+    scp.start(shared_port=True)
+    stop.wait()
+    scp.stop()
+    storage.close()
+    audit.close()
+
+
+class Receivers:
+    """The extra receiver processes of a node, and the threads that relay what they report."""
+
+    def __init__(self, cfg: NodeConfig, on_stored: Callable[[Identity], None], metrics: Metrics) -> None:
+        self.cfg, self.on_stored, self.metrics = cfg, on_stored, metrics
+        self._context = multiprocessing.get_context("spawn")  # no copy of the main process's threads
+        self._processes: dict[int, Any] = {}
+        self._stopping = threading.Event()
+
+    def start(self, n: int) -> "Receivers":
+        for i in range(n):
+            threading.Thread(target=self._run, args=(i,), name=f"receiver-{i}", daemon=True).start()
+        return self
+
+    def _run(self, i: int) -> None:
+        """Start receiver `i`, relay what it reports until it exits, start it again. One thread
+        all along: a receiver ends when the thread that started it does (PR_SET_PDEATHSIG)."""
+        while not self._stopping.is_set():
+            reader, writer = self._context.Pipe(duplex=False)
+            process = self._context.Process(target=receive, args=(self.cfg, writer), name=f"dicomnode-receiver-{i}", daemon=True)
+            process.start()
+            writer.close()
+            self._processes[i] = process
+            self._relay(reader)
+            process.join()
+            if not self._stopping.is_set():
+                log.error("receiver process %d (pid %d) exited with code %s: starting it again; associations it had open "
+                          "were cut, instances it had acknowledged are stored", i, process.pid, process.exitcode)
+
+    def _relay(self, conn: Connection) -> None:
+        while True:
+            try:
+                kind, *rest = conn.recv()
+            except (EOFError, OSError):
+                return
+            if kind == "stored":
+                self.on_stored(rest[0])
+            elif kind == "inc":
+                self.metrics.inc(rest[0], rest[1], **rest[2])
+            elif kind == "observe":
+                self.metrics.observe(rest[0], rest[1], **rest[2])
+
+    def stop(self) -> None:
+        self._stopping.set()
+        for process in self._processes.values():
+            process.terminate()
+        for process in self._processes.values():
+            process.join(timeout=20)
