@@ -319,5 +319,6 @@ class Node:
         return self.metrics.render(gauges, {"dicomnode_c_store_total": "C-STORE requests by DIMSE status",
                                             "dicomnode_c_store_seconds": "time in the C-STORE handler (decode, write, fsync, index)",
                                             "dicomnode_associations_rejected_total": "associations rejected (AE titles)",
+                                            "dicomnode_receiver_restarts_total": "receiver processes started again after they exited",
                                             "dicomnode_job_seconds": "job run time by kind, outcome (done, failed, dead) and target "
                                                                      "(pipeline or destination)"})

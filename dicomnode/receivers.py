@@ -16,6 +16,7 @@ import multiprocessing
 import os
 import signal
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any, Callable
@@ -86,17 +87,26 @@ class Receivers:
     def _run(self, i: int) -> None:
         """Start receiver `i`, relay what it reports until it exits, start it again. One thread
         all along: a receiver ends when the thread that started it does (PR_SET_PDEATHSIG)."""
+        delay = 1.0
         while not self._stopping.is_set():
             reader, writer = self._context.Pipe(duplex=False)
             process = self._context.Process(target=receive, args=(self.cfg, writer), name=f"dicomnode-receiver-{i}", daemon=True)
+            started = time.monotonic()
             process.start()
             writer.close()
             self._processes[i] = process
             self._relay(reader)
             process.join()
-            if not self._stopping.is_set():
-                log.error("receiver process %d (pid %d) exited with code %s: starting it again; associations it had open "
-                          "were cut, instances it had acknowledged are stored", i, process.pid, process.exitcode)
+            if self._stopping.is_set():
+                return
+            self.metrics.inc("dicomnode_receiver_restarts_total")
+            delay = 1.0 if time.monotonic() - started > 60 else min(2 * delay, 60.0)  # one that keeps failing: back off
+            log.error("receiver process %d (pid %d) exited with code %s: starting it again in %.0f s; associations it had "
+                      "open were cut, instances it had acknowledged are stored", i, process.pid, process.exitcode, delay)
+            self._stopping.wait(delay)
+
+    def running(self) -> int:
+        return sum(p.is_alive() for p in self._processes.values())
 
     def _relay(self, conn: Connection) -> None:
         while True:

@@ -420,10 +420,14 @@ def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path
         assert audit.count('"event": "received"') == 400
         metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
         assert 'dicomnode_c_store_total{status="success"} 400' in metrics
+        system = json.loads(urllib.request.urlopen(node.api_url + "/system", timeout=10).read())
+        assert system["Receivers"] == {"Configured": 2, "Running": 2}
 
         os.kill(receiver, signal.SIGKILL)
         [again] = wait_for(lambda: [p for p in receiver_pids(node) if p != receiver], 30, what="the receiver restarted")
         assert b"starting it again" in node.log.read_bytes()
+        metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
+        assert "dicomnode_receiver_restarts_total 1" in metrics
         assert storescu(node.port, folders[0]).returncode == 0
         node.kill()
         wait_for(lambda: not Path(f"/proc/{again}").exists() or b"State:\tZ" in Path(f"/proc/{again}/status").read_bytes(),
