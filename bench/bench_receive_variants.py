@@ -10,7 +10,8 @@ product does not offer) and measures 400 instances of 512x512 16-bit MR sent by 
 - no fsync: if durability were the limit, this rises;
 - 16 KiB PDUs: what a small maximum PDU costs (the node offers an unlimited one);
 - contexts deep-copied per association: pynetdicom's own copy of the listener's presentation
-  contexts, which the node replaced by one that shares the UIDs.
+  contexts, which the node replaced by one that shares the UIDs; also measured as associations
+  per second (DCMTK echoscu, one after another).
 
 Also the node's CPU use and the machine's idle share during each run. Run:
 `.venv/bin/python bench/bench_receive_variants.py [--n 400]`.
@@ -64,8 +65,8 @@ def idle_seconds() -> float:
     return int(Path("/proc/stat").read_text().split()[4]) / os.sysconf("SC_CLK_TCK")
 
 
-def run(tmp: Path, files: list[Path], env: dict, node: dict, parallel: int) -> tuple[float, float, float]:
-    """(instances/s, node CPU in % of one core, machine idle in %) for one variation."""
+def start_node(tmp: Path, env: dict, node: dict) -> tuple[subprocess.Popen, int]:
+    """`dicomnode serve` under the wrapper with one variation; (process, port) once it listens."""
     port = free_port()
     folder = Path(tempfile.mkdtemp(dir=tmp))
     config = folder / "node.yaml"
@@ -75,6 +76,12 @@ def run(tmp: Path, files: list[Path], env: dict, node: dict, parallel: int) -> t
                             env=dicomnode_env(**env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     wait_port(port, proc=proc)
     time.sleep(2)
+    return proc, port
+
+
+def run(tmp: Path, files: list[Path], env: dict, node: dict, parallel: int) -> tuple[float, float, float]:
+    """(instances/s, node CPU in % of one core, machine idle in %) for one variation."""
+    proc, port = start_node(tmp, env, node)
     pids = process_tree(proc.pid)
     cpu0, idle0, t0 = sum(map(cpu_seconds, pids)), idle_seconds(), time.time()
     seconds = send(port, "DICOMNODE", files, parallel)
@@ -84,6 +91,18 @@ def run(tmp: Path, files: list[Path], env: dict, node: dict, parallel: int) -> t
     proc.terminate()
     proc.wait()
     return len(files) / seconds, 100 * cpu, 100 * idle
+
+
+def associations_per_second(tmp: Path, env: dict, n: int = 100) -> float:
+    """DCMTK echoscu `n` times, one association after another: what setting up an association costs."""
+    proc, port = start_node(tmp, env, {})
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=True)
+    rate = n / (time.perf_counter() - t0)
+    proc.terminate()
+    proc.wait()
+    return rate
 
 
 def main() -> None:
@@ -97,6 +116,10 @@ def main() -> None:
     for name, (env, node) in VARIANTS.items():
         cells = [run(tmp, files, env, node, parallel) for parallel in (1, 8)]
         print(f"| {name} | " + " | ".join(f"{r:.0f} ({c:.0f}, {i:.0f})" for r, c, i in cells) + " |", flush=True)
+    print("\nassociations/s, 100 DCMTK echoscu one after another (twice each, alternating):")
+    for _ in range(2):
+        for name in ("baseline (as shipped: one receiver process)", "contexts deep-copied per association (as before 2026-12-01)"):
+            print(f"  {name}: {associations_per_second(tmp, VARIANTS[name][0]):.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -120,9 +120,10 @@ class StoreSCP:
                     (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
         addr = (self.cfg.node.host, self.cfg.node.port)
         tls = self.cfg.node.tls
-        self.server = self._ae().make_server(addr, evt_handlers=handlers, ssl_context=dicom_server_context(tls) if tls else None,
-                                             server_class=SharedPortListener if shared_port else Listener)
-        self.server.contexts = SharedUIDContexts(self.server.contexts)
+        ae = self._ae()
+        self.server = ae.make_server(addr, contexts=SharedUIDContexts(ae.supported_contexts), evt_handlers=handlers,
+                                     ssl_context=dicom_server_context(tls) if tls else None,
+                                     server_class=SharedPortListener if shared_port else Listener)
         threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
         log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
         return self.server
