@@ -212,11 +212,12 @@ def _process(args: argparse.Namespace) -> int:
 
 
 def _seeds(text: str) -> list[int]:
-    """"1000-1059" or "1,2,5" -> seeds."""
-    if "-" in text:
-        a, b = text.split("-", 1)
-        return list(range(int(a), int(b) + 1))
-    return [int(x) for x in text.split(",") if x]
+    """"1000-1059", "1,2,5" or "8000-8299,8400-8699" -> seeds."""
+    seeds: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        a, _, b = part.partition("-")
+        seeds += range(int(a), int(b or a) + 1)
+    return seeds
 
 
 # the findings pipelines: their module name (pipelines/, training/trainers/, training/evaluation/) and configuration class

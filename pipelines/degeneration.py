@@ -47,6 +47,11 @@ class Model:
             net.load_state_dict({k[len(view) + 1:]: v for k, v in state.items() if k.startswith(view + ".")})
             self.nets[view] = net.eval()
         self.svm = pickle.loads((folder / d["study"]["svm_file"]).read_bytes())
+        expected = len(data.LEVELS) * self.heads["canal"] * len(data.GRADES)
+        if self.svm.n_features_in_ != expected:
+            raise ValueError(f"{folder}: its study SVM reads {self.svm.n_features_in_} values per study, this version of "
+                             f"dicomnode gives it {expected} (model {d['version']} is from another version): "
+                             "rebuild it with `dicomnode train degeneration`")
         self.algorithm = Algorithm("dicomnode degeneration (per-view CNNs, CNN-SVM study label)", d["version"])
 
     def grades(self, view: str, crops: np.ndarray) -> np.ndarray:
@@ -192,4 +197,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, a.sources, model.algorithm, options, findings=found, explanations=a.explanations)
 
 
-register(Pipeline("degeneration", run, device="gpu", version="1.0", scope="study", model_dir=MODEL_DIR, load_model=load_model))
+register(Pipeline("degeneration", run, device="gpu", version="1.1", scope="study", model_dir=MODEL_DIR, load_model=load_model))

@@ -32,11 +32,14 @@ def test_two_workers_run_the_jobs_and_send_the_results(tmp_path: Path, redis: Re
     receiver = NodeProcess(tmp_path / "receiver", {}).start()
     markers = tmp_path / "markers"
     node = celery_node(tmp_path, redis, receiver, "slow-derive",
-                       env={"DICOMNODE_TEST_MARKERS": str(markers), "DICOMNODE_TEST_SLEEP": "1"}).start()
+                       env={"DICOMNODE_TEST_MARKERS": str(markers), "DICOMNODE_TEST_SLEEP": "3"}).start()
     workers = [WorkerProcess(node, name).start() for name in ("w1", "w2")]
+    series = [phantom_series(tmp_path / f"s{seed}", seed=seed) for seed in range(70, 74)]
     try:
-        for seed in range(70, 74):
-            assert storescu(node.port, phantom_series(tmp_path / f"s{seed}", seed=seed)).returncode == 0
+        # sent back to back, so the 3-second jobs overlap: a worker holds one job at a time
+        # (solo pool, prefetch 1), so the second job queued while the first runs must go to the other
+        for folder in series:
+            assert storescu(node.port, folder).returncode == 0
         wait_for(lambda: len(jobs(node)) == 8 and all(j["state"] == "done" for j in jobs(node)), 120, what="4 process + 4 send jobs done")
         assert len(indexed(receiver)) == 4  # one derived instance per series, sent by the workers
         pids = {p.name.split("-")[1] for p in markers.iterdir()}

@@ -123,6 +123,38 @@ def test_a_study_without_t1_or_axial_is_graded_where_it_can_be_and_says_what_is_
     assert "spinal_canal_stenosis" in graded and not any("subarticular" in c for c in graded)
 
 
+def test_a_model_folder_from_another_version_says_to_rebuild_it(tmp_path: Path) -> None:
+    import pickle
+    import shutil
+
+    from sklearn.svm import SVC
+
+    folder = tmp_path / "old"
+    shutil.copytree(MODEL_DIR, folder)
+    (folder / "study_svm.pkl").write_bytes(pickle.dumps(SVC().fit(np.eye(4), [0, 1, 2, 3])))
+    with pytest.raises(ValueError, match="reads 4 values per study.*rebuild it with `dicomnode train degeneration`"):
+        Model(folder)
+
+
+def test_training_samples_are_cached_per_run_of_seeds_so_more_seeds_render_only_themselves(tmp_path: Path) -> None:
+    from dicomnode.cli import _seeds
+    from training.trainers.common import cached_runs, seed_text
+
+    rendered: list[range] = []
+
+    def render(run: range) -> list[str]:
+        rendered.append(run)
+        return [f"study {s}" for s in run]
+
+    def path(run: range) -> Path:
+        return tmp_path / f"{run.start}-{run.stop - 1}.pkl"
+
+    assert cached_runs(_seeds("1-3,7-8"), path, render, []) == ["study 1", "study 2", "study 3", "study 7", "study 8"]
+    assert cached_runs(_seeds("1-3,7-8,20"), path, render, [])[-1] == "study 20"
+    assert rendered == [range(1, 4), range(7, 9), range(20, 21)]
+    assert seed_text(_seeds("1-3,7-8,20")) == "1-3, 7-8, 20"
+
+
 def test_training_writes_a_model_folder_that_grades(tmp_path: Path) -> None:
     from training.trainers.degeneration import DegenerationConfig, train
 

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipelines.degeneration import Model, assess
 from training.datasets import degeneration as data
 from training.evaluation.metrics import check_held_out, confusion, overlay_grid, rsna_score
+from training.trainers.common import seed_text
 from training.trainers.degeneration import collect, per_condition, studies_features
 
 
@@ -45,7 +46,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     xs, ys = np.stack(held.study_images), np.asarray(held.study_classes)
     with torch.inference_mode():
         p_cnn = torch.softmax(model.nets["study"](torch.from_numpy(xs)), 1).numpy()
-    p_svm = model.svm.predict_proba(studies_features(model.nets["canal"], held))
+    p_svm = model.svm.predict_proba(studies_features(held, probs["canal"]))
     m["study"] = {}
     for name, p in (("cnn", p_cnn), ("cnn_svm", p_svm)):
         cm = confusion([data.STUDY_CLASSES[i] for i in ys], [data.STUDY_CLASSES[i] for i in p.argmax(1)], list(data.STUDY_CLASSES),
@@ -101,7 +102,7 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
     t = d["training"]
     r = m["rsna"]
     lines = [f"# degeneration {d['version']}: evaluation on phantom studies it did not train on", "",
-             f"Trained on phantom studies {min(t['train_seeds'])}-{max(t['train_seeds'])} (crops per view, grades "
+             f"Trained on phantom studies {seed_text(t['train_seeds'])} (crops per view, grades "
              f"normal-mild / moderate / severe: {t['grade_counts']}; study classes {t['study_counts']}); validation studies "
              f"{d['validation']['seeds'][0]}-{d['validation']['seeds'][1]} chose the study model "
              f"(**{m['study']['shipped']}**). Held out: seeds {min(seeds)}-{max(seeds)} ({m['studies']} studies). "

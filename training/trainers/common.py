@@ -7,8 +7,10 @@ metrics, version) beside its weights (`model.pt`), so inference needs only that 
 from __future__ import annotations
 
 import json
+import pickle
 import random
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,35 @@ def seed_everything(seed: int) -> np.random.Generator:
     np.random.seed(seed)
     torch.manual_seed(seed)
     return np.random.default_rng(seed)
+
+
+def seed_runs(seeds: list[int]) -> list[range]:
+    """Runs of consecutive seeds, in order: what a seed list is cached and written as."""
+    runs: list[range] = []
+    for s in seeds:
+        if runs and s == runs[-1].stop:
+            runs[-1] = range(runs[-1].start, s + 1)
+        else:
+            runs.append(range(s, s + 1))
+    return runs
+
+
+def cached_runs(seeds: list[int], path_of: Callable[[range], Path], render: Callable[[range], Any], out: Any) -> Any:
+    """`out` extended by the samples of each run of consecutive seeds, rendered once by `render(run)`
+    and kept at `path_of(run)`: adding seeds does not render the others again."""
+    for run in seed_runs(seeds):
+        path = path_of(run)
+        if not path.exists():
+            samples = render(run)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(pickle.dumps(samples))
+        out.extend(pickle.loads(path.read_bytes()))
+    return out
+
+
+def seed_text(seeds: list[int]) -> str:
+    """"8000-8299, 8400-8699": seeds as a person reads them."""
+    return ", ".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in seed_runs(seeds))
 
 
 def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:

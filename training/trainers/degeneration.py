@@ -2,14 +2,13 @@
 disc level (normal-mild / moderate / severe), trained with the RSNA 2024 sample weights 1 / 2 / 4
 so it learns what the metric rewards; and for the four-class study label (healthy / herniated disc
 / spinal stenosis / spondylosis), a plain CNN on the mid-sagittal lumbar region (seed 001's
-whole-image CNN) and a CNN-SVM hybrid: an SVM on what the canal network sees per level (it also
-learns herniation and disc degeneration, not reported, so that its features carry them); the
-better on validation studies is shipped, both are reported.
+whole-image CNN) and a CNN-SVM hybrid: an SVM on what the canal network says per level (it also
+learns herniation and disc degeneration, not reported, so that the SVM can read them); the better
+on validation studies is shipped, both are reported.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import pickle
 import time
@@ -25,11 +24,11 @@ from tqdm import tqdm
 from training.datasets import degeneration as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
 from training.evaluation.metrics import rsna_score
-from training.trainers.common import batched, git_commit, optimise, seed_everything, write_model_folder
+from training.trainers.common import batched, cached_runs, git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.0"
+VERSION = "1.1"
 SVM_FILE = "study_svm.pkl"
 SAMPLE_WEIGHTS = (1.0, 2.0, 4.0)  # RSNA 2024: normal-mild, moderate, severe
 GRADCAM_LAYER = "layer2"  # 8x8 on a 64-pixel crop
@@ -37,13 +36,14 @@ GRADCAM_LAYER = "layer2"  # 8x8 on a 64-pixel crop
 
 @dataclass
 class DegenerationConfig:
-    train_seeds: list[int] = field(default_factory=lambda: list(range(8000, 8300)))
+    train_seeds: list[int] = field(default_factory=lambda: [*range(8000, 8300), *range(8400, 8700)])
     validation_seeds: list[int] = field(default_factory=lambda: list(range(8300, 8360)))
     iterations: int = 1500  # per network
     batch: int = 32
     lr: float = 1e-3
     seed: int = 0
     workers: int = 2
+    svm_folds: int = 3  # canal networks cross-fitted for the SVM's training features
 
 
 def network(outputs: int) -> torch.nn.Module:
@@ -54,36 +54,24 @@ def network(outputs: int) -> torch.nn.Module:
                   n_input_channels=3, num_classes=outputs)
 
 
-def penultimate(net: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The ResNet's pooled features (what its last layer and the SVM read)."""
-    for name in ("conv1", "bn1", "act", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool"):
-        x = getattr(net, name)(x)
-    return x.flatten(1)
-
-
 def grade_probabilities(net: torch.nn.Module, crops: np.ndarray, heads: int, batch: int = 256) -> np.ndarray:
     """[crop, head, grade] probabilities."""
     net.eval()
     return batched(lambda x: torch.softmax(net(x).view(-1, heads, len(data.GRADES)), -1), crops, batch)
 
 
-def features(net: torch.nn.Module, images: np.ndarray, batch: int = 128) -> np.ndarray:
-    net.eval()
-    return batched(lambda x: penultimate(net, x), images, batch)
-
-
 def collect(seeds: list[int], cache: Path, workers: int, desc: str) -> data.DegenerationSamples:
-    """Samples of the given phantom studies, cached (rendering takes minutes)."""
-    path = cache / f"degeneration-{min(seeds)}-{max(seeds)}-{len(seeds)}-v{PHANTOM_DATA_VERSION}-d{data.DATA_VERSION}.pkl"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
-    out = data.DegenerationSamples()
-    with ProcessPoolExecutor(workers) as pool:
-        for s in tqdm(pool.map(functools.partial(data.phantom_samples), seeds), total=len(seeds), desc=desc, unit="study"):
-            out.extend(s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(out))
-    return out
+    """Samples of the given phantom studies, cached per run of consecutive seeds (rendering takes minutes)."""
+    def render(run: range) -> data.DegenerationSamples:
+        samples = data.DegenerationSamples()
+        with ProcessPoolExecutor(workers) as pool:
+            for s in tqdm(pool.map(data.phantom_samples, run), total=len(run), desc=desc, unit="study"):
+                samples.extend(s)
+        return samples
+
+    name = f"v{PHANTOM_DATA_VERSION}-d{data.DATA_VERSION}"
+    return cached_runs(seeds, lambda r: cache / f"degeneration-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl", render,
+                       data.DegenerationSamples())
 
 
 def _augment(x: np.ndarray, y: np.ndarray, view: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -98,8 +86,9 @@ def _augment(x: np.ndarray, y: np.ndarray, view: str, rng: np.random.Generator) 
 
 
 def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: DegenerationConfig,
-                  rng: np.random.Generator, weights: np.ndarray) -> tuple[torch.nn.Module, float]:
-    """A network with y.shape[1] heads of `classes` outputs; cross-entropy weighted per class by `weights`."""
+                  rng: np.random.Generator, weights: np.ndarray, desc: str = "") -> tuple[torch.nn.Module, float]:
+    """A network for view `name` with y.shape[1] heads of `classes` outputs; cross-entropy weighted
+    per class by `weights`."""
     heads = y.shape[1]
     net = network(heads * classes)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=0.05)
@@ -107,7 +96,7 @@ def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: De
     w = torch.tensor(weights, dtype=torch.float32)
     losses: list[float] = []
     net.train()
-    bar = tqdm(range(cfg.iterations), desc=f"degeneration {name}", unit="it")
+    bar = tqdm(range(cfg.iterations), desc=f"degeneration {desc or name}", unit="it")
     for _ in bar:
         idx = rng.integers(len(y), size=cfg.batch)
         pairs = [_augment(x[i], y[i], name, rng) for i in idx]
@@ -119,28 +108,45 @@ def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: De
     return net.eval(), float(np.mean(losses[-100:]))
 
 
-def study_features(canal_net: torch.nn.Module, crops: dict[str, np.ndarray]) -> np.ndarray:
+def level_table(probs: dict[str, np.ndarray]) -> np.ndarray:
     """What the CNN-SVM reads of one study: per level L1/L2-L5/S1 the canal network's grade
-    probabilities (canal stenosis, herniation, disc degeneration; zeros where a level is missing),
-    and its penultimate features, the largest over the levels."""
-    levels = [lv for lv in data.LEVELS if lv in crops]
-    probs = np.zeros((len(data.LEVELS), data.heads("canal"), len(data.GRADES)), dtype=np.float32)
-    pooled = np.zeros(128, dtype=np.float32)
-    if levels:
-        x = np.stack([crops[lv] for lv in levels])
-        got = grade_probabilities(canal_net, x, data.heads("canal"))
-        for lv, p in zip(levels, got):
-            probs[data.LEVELS.index(lv)] = p
-        pooled = features(canal_net, x).max(axis=0)
-    return np.concatenate([probs.ravel(), pooled])
+    probabilities (canal stenosis, herniation, disc degeneration), zeros where a level is missing."""
+    table = np.zeros((len(data.LEVELS), data.heads("canal"), len(data.GRADES)), dtype=np.float32)
+    for lv, p in probs.items():
+        table[data.LEVELS.index(lv)] = p
+    return table.ravel()
 
 
-def studies_features(canal_net: torch.nn.Module, samples: data.DegenerationSamples) -> np.ndarray:
-    """`study_features` of every study with a study image, in the order of `samples.studies`."""
+def study_features(canal_net: torch.nn.Module, crops: dict[str, np.ndarray]) -> np.ndarray:
+    """`level_table` of one study's canal crops."""
+    levels = list(crops)
+    got = grade_probabilities(canal_net, np.stack([crops[lv] for lv in levels]), data.heads("canal")) if levels else []
+    return level_table(dict(zip(levels, got)))
+
+
+def studies_features(samples: data.DegenerationSamples, canal_probs: np.ndarray) -> np.ndarray:
+    """`level_table` of every study with a study image, in the order of `samples.studies`, from the
+    canal probabilities of `samples`' canal crops."""
     by_study: dict[int, dict[str, np.ndarray]] = {}
-    for crop, (study, level) in zip(samples.crops["canal"], samples.keys["canal"]):
-        by_study.setdefault(study, {})[level] = crop
-    return np.stack([study_features(canal_net, by_study.get(s, {})) for s in samples.studies])
+    for p, (study, level) in zip(canal_probs, samples.keys["canal"]):
+        by_study.setdefault(study, {})[level] = p
+    return np.stack([level_table(by_study.get(s, {})) for s in samples.studies])
+
+
+def cross_fitted(x: np.ndarray, y: np.ndarray, studies: list[int], cfg: DegenerationConfig,
+                 rng: np.random.Generator) -> np.ndarray:
+    """Canal probabilities of every training crop from a network that never saw its study
+    (`cfg.svm_folds` networks, each trained on the other folds' studies). On its own training crops
+    a network is near certain; an SVM taught on those answers learns that a finding is 0.99 and
+    misses the 0.6 an unseen study gives."""
+    fold_of = {s: i % cfg.svm_folds for i, s in enumerate(sorted(set(studies)))}
+    fold = np.array([fold_of[s] for s in studies])
+    out = np.zeros((len(y), y.shape[1], len(data.GRADES)), dtype=np.float32)
+    for k in range(cfg.svm_folds):
+        net, _ = train_network("canal", x[fold != k], y[fold != k], len(data.GRADES), cfg, rng, np.array(SAMPLE_WEIGHTS),
+                               desc=f"canal {k + 1}/{cfg.svm_folds} for the SVM")
+        out[fold == k] = grade_probabilities(net, x[fold == k], y.shape[1])
+    return out
 
 
 def study_svm(f: np.ndarray, y: np.ndarray, seed: int = 0):
@@ -189,12 +195,14 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
     xs, ys = np.stack(tr.study_images), np.asarray(tr.study_classes)
     class_weights = len(ys) / (len(data.STUDY_CLASSES) * np.maximum(np.bincount(ys, minlength=len(data.STUDY_CLASSES)), 1))
     nets["study"], losses["study"] = train_network("study", xs, ys[:, None], len(data.STUDY_CLASSES), cfg, rng, class_weights)
-    study_net, canal_net = nets["study"], nets["canal"]
-    svm = study_svm(studies_features(canal_net, tr), ys, cfg.seed)
+    study_net = nets["study"]
+    canal_x, canal_y = tr.arrays("canal")
+    oof = cross_fitted(canal_x, canal_y, [s for s, _ in tr.keys["canal"]], cfg, rng)
+    svm = study_svm(studies_features(tr, oof), ys, cfg.seed)
     xv, yv = np.stack(va.study_images), np.asarray(va.study_classes)
     with torch.inference_mode():
         p_cnn = torch.softmax(study_net(torch.from_numpy(xv)), 1).numpy()
-    p_svm = svm.predict_proba(studies_features(canal_net, va))
+    p_svm = svm.predict_proba(studies_features(va, val_probs["canal"]))
     study_val = {"cnn": float(np.mean(p_cnn.argmax(1) == yv)), "cnn_svm": float(np.mean(p_svm.argmax(1) == yv))}
     chosen = "cnn_svm" if study_val["cnn_svm"] >= study_val["cnn"] else "cnn"
     truth, pred = per_condition(va, val_probs)
@@ -208,7 +216,8 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
         "network": {"block_inplanes": [16, 32, 64, 128], "layers": [1, 1, 1, 1], "gradcam_layer": GRADCAM_LAYER},
         "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__,
                   "cnn": "the study network on the mid-sagittal lumbar region",
-                  "cnn_svm": "an SVM on the canal network's grade probabilities per level and its pooled features"},
+                  "cnn_svm": "an SVM on the canal network's grade probabilities per level, taught on cross-fitted "
+                             f"probabilities ({cfg.svm_folds} networks, each on the other folds' studies)"},
         "input": {"crop_pixels": data.CROP, "study_crop_pixels": data.STUDY_CROP, "sagittal_side": data.SAGITTAL_SIDE,
                   "axial_side_mm": data.AXIAL_SIDE_MM, "foramen_mm": data.FORAMEN_MM},
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]; then each crop to zero mean, unit variance",

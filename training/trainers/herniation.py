@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import pickle
 import shutil
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from training.datasets import discs as data
 from training.datasets.spine_seg import PHANTOM_DATA_VERSION
-from training.trainers.common import batched, git_commit, optimise, seed_everything, write_model_folder
+from training.trainers.common import batched, cached_runs, git_commit, optimise, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -39,7 +38,7 @@ GRADCAM_LAYERS = {"convnext": "features.3", "resnet": "layer2", "densenet": "fea
 class HerniationConfig:
     train_seeds: list[int] = field(default_factory=lambda: list(range(7000, 7300)))
     validation_seeds: list[int] = field(default_factory=lambda: list(range(7300, 7380)))
-    enrich: int = 2  # every n-th training study is drawn as a 'herniated_disc' study (chance gives 1 in 4)
+    enrich: int = 2  # training studies whose seed is a multiple of this are drawn as 'herniated_disc' studies (chance gives 1 in 4)
     jitter: int = 2  # extra crops per disc, and one more slice per detector stage, as detection would place them
     epochs: int = 60  # per detector
     imgsz: int = 256
@@ -99,19 +98,19 @@ def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
 
 
 def collect(seeds: list[int], jitter: int, enrich: int, cache: Path, workers: int, desc: str) -> data.DiscSamples:
-    """Samples of the given phantom studies, cached (rendering takes minutes)."""
-    path = cache / f"discs-{min(seeds)}-{max(seeds)}-{len(seeds)}-j{jitter}-e{enrich}-v{PHANTOM_DATA_VERSION}-c{data.CROP_VERSION}.pkl"
-    if path.exists():
-        return pickle.loads(path.read_bytes())
-    classes = [("herniated_disc" if enrich and i % enrich == 0 else None) for i in range(len(seeds))]
-    out = data.DiscSamples()
-    with ProcessPoolExecutor(workers) as pool:
-        jobs = pool.map(functools.partial(_samples, jitter=jitter), seeds, classes)
-        for s in tqdm(jobs, total=len(seeds), desc=desc, unit="study"):
-            out.extend(s)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(pickle.dumps(out))
-    return out
+    """Samples of the given phantom studies, cached per run of consecutive seeds (rendering takes
+    minutes); with `enrich`, studies whose seed is a multiple of it are drawn as herniated-disc studies."""
+    def render(run: range) -> data.DiscSamples:
+        classes = [("herniated_disc" if enrich and seed % enrich == 0 else None) for seed in run]
+        samples = data.DiscSamples()
+        with ProcessPoolExecutor(workers) as pool:
+            jobs = pool.map(functools.partial(_samples, jitter=jitter), run, classes)
+            for s in tqdm(jobs, total=len(run), desc=desc, unit="study"):
+                samples.extend(s)
+        return samples
+
+    name = f"j{jitter}-e{enrich}-v{PHANTOM_DATA_VERSION}-c{data.CROP_VERSION}"
+    return cached_runs(seeds, lambda r: cache / f"discs-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl", render, data.DiscSamples())
 
 
 def _samples(seed: int, study_class: str | None, jitter: int) -> data.DiscSamples:
