@@ -60,16 +60,16 @@ class Model:
 
         return grade_probabilities(self.nets[view], crops, self.heads[view])
 
-    def study(self, image: np.ndarray, canal_crops: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def study(self, image: np.ndarray, canal_probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Class probabilities of the study from the plain CNN (on the study image) and from the
-        CNN-SVM (on the canal network's view of each level)."""
+        CNN-SVM (on the canal network's grade probabilities per level, as `grades` gave them)."""
         import torch
 
-        from training.trainers.degeneration import study_features
+        from training.trainers.degeneration import level_table
 
         with torch.inference_mode():
             cnn = torch.softmax(self.nets["study"](torch.from_numpy(image[None])), 1).numpy()[0]
-        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(study_features(self.nets["canal"], canal_crops)[None])[0]}
+        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(level_table(canal_probs)[None])[0]}
 
     def explain(self, view: str, crop: np.ndarray, head: int, grade: int) -> np.ndarray:
         import torch
@@ -113,6 +113,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         a.problems.append("no sagittal T1: the neural foramina are graded on the T2 series")
     foramen_series, labels_f = (t1, segment(t1).labels) if t1 is not None else (t2, labels_t2)
     foramina = data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume))
+    canal_probs: dict[str, np.ndarray] = {}  # level -> the canal network's [head, grade] probabilities
     views: dict[str, tuple[Series, dict]] = {"canal": (t2, data.canal_crops(t2, labels_t2, v2)),
                                              "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in foramina.items()})}
     axial = next((s for s in planes.get("axial", []) if s.weighting == "T2"), None)
@@ -127,6 +128,8 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         if series is not t2:
             a.sources += series.datasets
         probs = model.grades(view, np.stack([c.image for c in crops.values()]))
+        if view == "canal":
+            canal_probs = dict(zip(crops, probs))
         maps: dict[int, tuple[np.ndarray, list[str]]] = {}  # slice -> (map, decisions)
         for (key, crop), p in zip(crops.items(), probs):
             side, level = key.split(" ") if view == "foramen" else ("", key)
@@ -141,7 +144,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     if image is None:
         a.problems.append("no lumbar region segmented on the T2 series: no study label")
     else:
-        a.study = model.study(image.image, {lv: c.image for lv, c in views["canal"][1].items()})
+        a.study = model.study(image.image, canal_probs)
         k = int(np.argmax(a.study[a.study_label]))
         canal_map = next((e for e in a.explanations if e.sop_instance_uid == str(t2.datasets[image.slice].SOPInstanceUID)), None)
         if a.study_label == "cnn_svm" and canal_map is not None:

@@ -136,22 +136,31 @@ def test_a_model_folder_from_another_version_says_to_rebuild_it(tmp_path: Path) 
         Model(folder)
 
 
+def _render_marked(seed: int, marks: Path) -> list[str]:
+    """A stand-in study renderer (run in worker processes) that leaves a mark per rendering."""
+    with open(marks / str(seed), "a") as f:
+        f.write("rendered\n")
+    return [f"study {seed}"]
+
+
 def test_training_samples_are_cached_per_run_of_seeds_so_more_seeds_render_only_themselves(tmp_path: Path) -> None:
+    import functools
+
     from dicomnode.cli import _seeds
     from training.trainers.common import cached_runs, seed_text
 
-    rendered: list[range] = []
-
-    def render(run: range) -> list[str]:
-        rendered.append(run)
-        return [f"study {s}" for s in run]
+    render = functools.partial(_render_marked, marks=tmp_path)
+    paths: list[Path] = []
 
     def path(run: range) -> Path:
-        return tmp_path / f"{run.start}-{run.stop - 1}.pkl"
+        paths.append(tmp_path / f"{run.start}-{run.stop - 1}.pkl")
+        return paths[-1]
 
-    assert cached_runs(_seeds("1-3,7-8"), path, render, []) == ["study 1", "study 2", "study 3", "study 7", "study 8"]
-    assert cached_runs(_seeds("1-3,7-8,20"), path, render, [])[-1] == "study 20"
-    assert rendered == [range(1, 4), range(7, 9), range(20, 21)]
+    assert cached_runs(_seeds("1-3,7-8"), path, render, [], 2, "test") == ["study 1", "study 2", "study 3", "study 7", "study 8"]
+    assert cached_runs(_seeds("1-3,7-8,20"), path, render, [], 2, "test")[-1] == "study 20"
+    assert [p.name for p in paths] == ["1-3.pkl", "7-8.pkl", "1-3.pkl", "7-8.pkl", "20-20.pkl"]
+    assert {f.name: f.read_text() for f in tmp_path.iterdir() if f.suffix != ".pkl"} == {
+        str(s): "rendered\n" for s in (1, 2, 3, 7, 8, 20)}  # each seed once: the second call rendered only 20
     assert seed_text(_seeds("1-3,7-8,20")) == "1-3, 7-8, 20"
 
 
@@ -169,5 +178,5 @@ def test_training_writes_a_model_folder_that_grades(tmp_path: Path) -> None:
     p = model.grades("axial", crops)
     assert p.shape == (3, 2, 3) and np.allclose(p.sum(-1), 1, atol=1e-5)
     study = model.study(np.random.default_rng(1).random((3, data.STUDY_CROP, data.STUDY_CROP), dtype=np.float32),
-                        {"L4/L5": crops[0], "L5/S1": crops[1]})
+                        dict(zip(("L4/L5", "L5/S1"), model.grades("canal", crops[:2]))))
     assert set(study) == {"cnn", "cnn_svm"} and all(v.shape == (4,) for v in study.values())

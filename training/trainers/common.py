@@ -11,12 +11,14 @@ import pickle
 import random
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from scipy import ndimage
+from tqdm import tqdm
 
 
 def seed_everything(seed: int) -> np.random.Generator:
@@ -37,13 +39,18 @@ def seed_runs(seeds: list[int]) -> list[range]:
     return runs
 
 
-def cached_runs(seeds: list[int], path_of: Callable[[range], Path], render: Callable[[range], Any], out: Any) -> Any:
-    """`out` extended by the samples of each run of consecutive seeds, rendered once by `render(run)`
-    and kept at `path_of(run)`: adding seeds does not render the others again."""
+def cached_runs(seeds: list[int], path_of: Callable[[range], Path], render: Callable[[int], Any], out: Any,
+                workers: int, desc: str) -> Any:
+    """`out` extended by `render(seed)` of every seed, rendered in `workers` processes and kept per
+    run of consecutive seeds (in a new `type(out)`) at `path_of(run)`: adding seeds does not render
+    the others again."""
     for run in seed_runs(seeds):
         path = path_of(run)
         if not path.exists():
-            samples = render(run)
+            samples = type(out)()
+            with ProcessPoolExecutor(workers) as pool:
+                for s in tqdm(pool.map(render, run), total=len(run), desc=desc, unit="study"):
+                    samples.extend(s)
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(pickle.dumps(samples))
         out.extend(pickle.loads(path.read_bytes()))

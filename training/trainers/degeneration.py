@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import pickle
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -62,16 +61,9 @@ def grade_probabilities(net: torch.nn.Module, crops: np.ndarray, heads: int, bat
 
 def collect(seeds: list[int], cache: Path, workers: int, desc: str) -> data.DegenerationSamples:
     """Samples of the given phantom studies, cached per run of consecutive seeds (rendering takes minutes)."""
-    def render(run: range) -> data.DegenerationSamples:
-        samples = data.DegenerationSamples()
-        with ProcessPoolExecutor(workers) as pool:
-            for s in tqdm(pool.map(data.phantom_samples, run), total=len(run), desc=desc, unit="study"):
-                samples.extend(s)
-        return samples
-
     name = f"v{PHANTOM_DATA_VERSION}-d{data.DATA_VERSION}"
-    return cached_runs(seeds, lambda r: cache / f"degeneration-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl", render,
-                       data.DegenerationSamples())
+    return cached_runs(seeds, lambda r: cache / f"degeneration-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl",
+                       data.phantom_samples, data.DegenerationSamples(), workers, desc)
 
 
 def _augment(x: np.ndarray, y: np.ndarray, view: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -115,13 +107,6 @@ def level_table(probs: dict[str, np.ndarray]) -> np.ndarray:
     for lv, p in probs.items():
         table[data.LEVELS.index(lv)] = p
     return table.ravel()
-
-
-def study_features(canal_net: torch.nn.Module, crops: dict[str, np.ndarray]) -> np.ndarray:
-    """`level_table` of one study's canal crops."""
-    levels = list(crops)
-    got = grade_probabilities(canal_net, np.stack([crops[lv] for lv in levels]), data.heads("canal")) if levels else []
-    return level_table(dict(zip(levels, got)))
 
 
 def studies_features(samples: data.DegenerationSamples, canal_probs: np.ndarray) -> np.ndarray:

@@ -14,7 +14,6 @@ import itertools
 import logging
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -100,21 +99,13 @@ def balanced_accuracy(truth: np.ndarray, pred: np.ndarray) -> float:
 def collect(seeds: list[int], jitter: int, enrich: int, cache: Path, workers: int, desc: str) -> data.DiscSamples:
     """Samples of the given phantom studies, cached per run of consecutive seeds (rendering takes
     minutes); with `enrich`, studies whose seed is a multiple of it are drawn as herniated-disc studies."""
-    def render(run: range) -> data.DiscSamples:
-        classes = [("herniated_disc" if enrich and seed % enrich == 0 else None) for seed in run]
-        samples = data.DiscSamples()
-        with ProcessPoolExecutor(workers) as pool:
-            jobs = pool.map(functools.partial(_samples, jitter=jitter), run, classes)
-            for s in tqdm(jobs, total=len(run), desc=desc, unit="study"):
-                samples.extend(s)
-        return samples
-
     name = f"j{jitter}-e{enrich}-v{PHANTOM_DATA_VERSION}-c{data.CROP_VERSION}"
-    return cached_runs(seeds, lambda r: cache / f"discs-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl", render, data.DiscSamples())
+    return cached_runs(seeds, lambda r: cache / f"discs-{r.start}-{r.stop - 1}-{len(r)}-{name}.pkl",
+                       functools.partial(_samples, jitter=jitter, enrich=enrich), data.DiscSamples(), workers, desc)
 
 
-def _samples(seed: int, study_class: str | None, jitter: int) -> data.DiscSamples:
-    return data.phantom_samples(seed, jitter, study_class=study_class)
+def _samples(seed: int, jitter: int, enrich: int) -> data.DiscSamples:
+    return data.phantom_samples(seed, jitter, study_class="herniated_disc" if enrich and seed % enrich == 0 else None)
 
 
 def detector_config() -> dict:
