@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -99,11 +99,13 @@ class JobStore(Database):
         job = self.get(job_id)
         if job is None:
             raise KeyError(f"there is no job {job_id}")
-        if job.state not in ("dead", "failed"):
-            raise ValueError(f"job {job_id} is {job.state}; only dead or failed jobs can be retried")
-        with self._lock:
-            self._db.execute("UPDATE jobs SET state='queued', attempts=0, next_run_at=? WHERE id=?", (time.time(), job_id))
-        return self.get(job_id)  # type: ignore[return-value]
+        with self._lock:  # check and requeue in one statement: a worker may claim the job right after
+            cur = self._db.execute("UPDATE jobs SET state='queued', attempts=0, next_run_at=?"
+                                   " WHERE id=? AND state IN ('dead', 'failed')", (time.time(), job_id))
+        if cur.rowcount == 0:
+            state = (self.get(job_id) or job).state
+            raise ValueError(f"job {job_id} is {state}; only dead or failed jobs can be retried")
+        return replace(job, state="queued", attempts=0)
 
     def get(self, job_id: int) -> Job | None:
         rows = self.list(where="id=?", args=(job_id,))
