@@ -375,8 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "the ensemble weights (disc-herniation 7300-7379) or the study model (degeneration 8300-8359)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
-    tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation and "
-                    "degeneration 1500 per CNN")
+    tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation 3000 per CNN, "
+                    "degeneration 1500 per network")
     tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (60)")
     tr.add_argument("--data", help="disc-herniation: your own data instead of the phantom: region/ and discs/ (YOLO "
                     "folders with train and val splits) and crops/{train,val}/{normal,herniated}/ (images)")

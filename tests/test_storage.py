@@ -1,12 +1,14 @@
-"""Storage on its own: durable layout, duplicates, retention."""
+"""Storage and the job table on their own: durable layout, duplicates, retention, retries."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
+from dicomnode.jobs import JobStore
 from dicomnode.storage import Identity, InvalidInstance, Storage, check_uid
 
 
@@ -45,3 +47,26 @@ def test_retention_removes_the_oldest_but_not_what_jobs_need(tmp_path: Path) -> 
     assert s.series("1.2.3.2")["n_instances"] == 2
     assert s.housekeep(1e-9, None) == 7  # everything is older than a nanosecond of a day
     assert s.counts()["instances"] == 0 and s.series("1.2.3.1") is None
+
+
+def test_a_dead_job_is_requeued_once_however_many_ask(tmp_path: Path) -> None:
+    jobs = JobStore(tmp_path / "jobs.sqlite")
+    job_id = jobs.enqueue("pipeline", "1.2.3.1", "1.2.3", max_attempts=1, pipeline="x")
+    assert jobs.claim("cpu").id == job_id and jobs.fail(job_id, "boom") == "dead"
+
+    def retry() -> str:
+        try:
+            return jobs.retry(job_id).state
+        except ValueError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: retry(), range(8)))
+    assert answers.count("queued") == 1, answers
+    assert all("is queued; only dead or failed jobs can be retried" in a for a in answers if a != "queued")
+    assert jobs.get(job_id).attempts == 0
+    assert jobs.claim("cpu").id == job_id
+    with pytest.raises(ValueError, match="is running"):
+        jobs.retry(job_id)
+    with pytest.raises(KeyError, match="there is no job 99"):
+        jobs.retry(99)
