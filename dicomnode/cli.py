@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from dicomnode import __version__
 
@@ -289,10 +289,21 @@ def _evaluate(args: argparse.Namespace) -> int:
                                args.fold)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
-    flat = lambda v: {k: x for k, x in v.items() if not isinstance(x, (dict, list))}  # noqa: E731
-    print(json.dumps({k: flat(v) if isinstance(v, dict) else v for k, v in metrics.items()}, indent=1))
+    for key, value in _figures(metrics):
+        print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _figures(metrics: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    """The report's single figures as dotted keys (`detection.region.map50`); tables stay in the report."""
+    out: list[tuple[str, Any]] = []
+    for k, v in metrics.items():
+        if isinstance(v, dict):
+            out += _figures(v, f"{prefix}{k}.")
+        elif not isinstance(v, list):
+            out.append((f"{prefix}{k}", v))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -370,14 +381,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("model", choices=["spine-seg", "marrow", "disc-herniation", "degeneration"])
     tr.add_argument("--out", required=True, help="model folder to write (spine-seg resumes from its checkpoint)")
     tr.add_argument("--phantom-seeds", help="training phantom seeds (spine-seg 1000-1059, marrow 6000-6159, "
-                    "disc-herniation 7000-7299)")
+                    "disc-herniation 7000-7299,7400-7699, degeneration 8000-8299,8400-8699)")
     tr.add_argument("--validation-seeds", help="phantom seeds that choose among classifiers (marrow 6160-6279) or "
                     "the ensemble weights (disc-herniation 7300-7379) or the study model (degeneration 8300-8359)")
     tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
                     "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
     tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation 3000 per CNN, "
                     "degeneration 1500 per network")
-    tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (60)")
+    tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (30)")
     tr.add_argument("--data", help="disc-herniation: your own data instead of the phantom: region/ and discs/ (YOLO "
                     "folders with train and val splits) and crops/{train,val}/{normal,herniated}/ (images)")
     tr.add_argument("--seed", type=int, default=0)

@@ -194,5 +194,5 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
 
 
 # scope study: it finds the sagittal T2 series itself
-register(Pipeline("disc-herniation", run, device="gpu", version="1.0", scope="study", model_dir=MODEL_DIR,
+register(Pipeline("disc-herniation", run, device="gpu", version="1.1", scope="study", model_dir=MODEL_DIR,
                   load_model=load_model))

@@ -24,6 +24,7 @@ from pipelines.herniation import Model, box_iou, classify
 from pipelines.series import read_series, sagittal_t2
 from training.datasets import discs as data
 from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
+from training.trainers.common import seed_text
 from training.trainers.herniation import collect, probabilities
 
 
@@ -137,10 +138,10 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
             "|---|---|---|---|---|---|---|---|"]
     t = d["training"]
     lines = [f"# disc-herniation {d['version']}: evaluation on phantom studies it did not train on", "",
-             f"Trained on phantom studies {min(t['train_seeds'])}-{max(t['train_seeds'])} ({t['crops']} disc crops, "
+             f"Trained on phantom studies {seed_text(t['train_seeds'])} ({t['crops']} disc crops, "
              f"{t['herniated']} herniated; 1 in {t['enrich']} studies drawn as a herniated-disc study); ensemble weights "
              f"{d['ensemble']['weights']} by grid search on validation studies {d['validation']['seeds'][0]}-"
-             f"{d['validation']['seeds'][1]}. Held out: seeds {min(seeds)}-{max(seeds)} ({m['studies']} studies, the "
+             f"{d['validation']['seeds'][1]}. Held out: seeds {seed_text(seeds)} ({m['studies']} studies, the "
              "phantom's own mix of study classes). Herniated = protrusion or extrusion; a bulge is not. Phantom only: "
              "no real herniation labels exist here.", "",
              "## Detection (YOLOv8, ultralytics validator)", "",
