@@ -105,7 +105,7 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
              f"Trained on phantom studies {seed_text(t['train_seeds'])} (crops per view, grades "
              f"normal-mild / moderate / severe: {t['grade_counts']}; study classes {t['study_counts']}); validation studies "
              f"{d['validation']['seeds'][0]}-{d['validation']['seeds'][1]} chose the study model "
-             f"(**{m['study']['shipped']}**). Held out: seeds {min(seeds)}-{max(seeds)} ({m['studies']} studies). "
+             f"(**{m['study']['shipped']}**). Held out: seeds {seed_text(seeds)} ({m['studies']} studies). "
              "Phantom only: no real grades exist here.", "",
              "## RSNA 2024 weighted log loss (lower is better; top teams about 0.37 on the real data)", "",
              "Sample weights 1 / 2 / 4 by the true grade, per condition group; any severe spinal: the largest P(severe) "
