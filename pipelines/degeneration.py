@@ -47,7 +47,9 @@ class Model:
             net.load_state_dict({k[len(view) + 1:]: v for k, v in state.items() if k.startswith(view + ".")})
             self.nets[view] = net.eval()
         self.svm = pickle.loads((folder / d["study"]["svm_file"]).read_bytes())
-        expected = len(data.LEVELS) * self.heads["canal"] * len(data.GRADES)
+        from training.trainers.degeneration import study_features
+
+        expected = len(study_features({}))
         if self.svm.n_features_in_ != expected:
             raise ValueError(f"{folder}: its study SVM reads {self.svm.n_features_in_} values per study, this version of "
                              f"dicomnode gives it {expected} (model {d['version']} is from another version): "
@@ -65,11 +67,11 @@ class Model:
         CNN-SVM (on the canal network's grade probabilities per level, as `grades` gave them)."""
         import torch
 
-        from training.trainers.degeneration import level_table
+        from training.trainers.degeneration import study_features
 
         with torch.inference_mode():
             cnn = torch.softmax(self.nets["study"](torch.from_numpy(image[None])), 1).numpy()[0]
-        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(level_table(canal_probs)[None])[0]}
+        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(study_features(canal_probs)[None])[0]}
 
     def explain(self, view: str, crop: np.ndarray, head: int, grade: int) -> np.ndarray:
         import torch

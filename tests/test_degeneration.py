@@ -39,6 +39,23 @@ def test_the_rsna_score_weighs_grades_one_two_four_and_adds_any_severe_spinal() 
     assert w["spinal_canal_stenosis"] == pytest.approx((4 * -math.log(0.98) + 4 * -math.log(0.01)) / 8)
 
 
+
+def test_the_study_svm_reads_each_finding_wherever_its_level_is() -> None:
+    from training.trainers.degeneration import study_features
+
+    normal = np.tile([0.9, 0.07, 0.03], (data.heads("canal"), 1))
+    herniated = normal.copy()
+    herniated[1] = [0.2, 0.3, 0.5]  # head 1: herniation, P(>= moderate) 0.8, P(severe) 0.5
+    at_l2 = study_features({lv: herniated if lv == "L2/L3" else normal for lv in data.LEVELS})
+    at_l5 = study_features({lv: herniated if lv == "L5/S1" else normal for lv in data.LEVELS})
+    none = study_features({lv: normal for lv in data.LEVELS})
+    np.testing.assert_allclose(at_l2, at_l5, rtol=1e-6)
+    assert not np.allclose(at_l2, none)
+    heads = data.heads("canal")
+    assert at_l2[1 * 2] == pytest.approx(0.8) and at_l2[1 * 2 + 1] == pytest.approx(0.5)  # largest over levels
+    assert at_l2[2 * heads + 1 * 2] == pytest.approx(0.8 + 4 * 0.1)  # summed over levels
+    assert study_features({"L4/L5": herniated}).shape == none.shape  # a level not located counts as nothing found
+
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A held-out phantom study (never trained on) with sagittal T1, T2 and an axial T2, with canal stenosis."""

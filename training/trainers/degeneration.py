@@ -27,7 +27,7 @@ from training.trainers.common import batched, cached_runs, git_commit, optimise,
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.1"
+VERSION = "1.2"
 SVM_FILE = "study_svm.pkl"
 SAMPLE_WEIGHTS = (1.0, 2.0, 4.0)  # RSNA 2024: normal-mild, moderate, severe
 GRADCAM_LAYER = "layer2"  # 8x8 on a 64-pixel crop
@@ -100,22 +100,26 @@ def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: De
     return net.eval(), float(np.mean(losses[-100:]))
 
 
-def level_table(probs: dict[str, np.ndarray]) -> np.ndarray:
-    """What the CNN-SVM reads of one study: per level L1/L2-L5/S1 the canal network's grade
-    probabilities (canal stenosis, herniation, disc degeneration), zeros where a level is missing."""
+def study_features(probs: dict[str, np.ndarray]) -> np.ndarray:
+    """What the CNN-SVM reads of one study, from the canal network's grade probabilities per level
+    (canal stenosis, herniation, disc degeneration): per finding, P(grade >= moderate) and
+    P(grade >= severe), their largest over the levels and their sum. The study label is a rule over
+    levels that does not care which level it is; one feature per level position made the SVM learn
+    that rule five times over (validation 0.883 against 0.933 in a cross-validation on 120 studies)."""
     table = np.zeros((len(data.LEVELS), data.heads("canal"), len(data.GRADES)), dtype=np.float32)
     for lv, p in probs.items():
         table[data.LEVELS.index(lv)] = p
-    return table.ravel()
+    at_least = np.stack([table[..., 1:].sum(-1), table[..., 2]], -1)  # [level, finding, (>= 1, >= 2)]
+    return np.concatenate([at_least.max(0).ravel(), at_least.sum(0).ravel()])
 
 
 def studies_features(samples: data.DegenerationSamples, canal_probs: np.ndarray) -> np.ndarray:
-    """`level_table` of every study with a study image, in the order of `samples.studies`, from the
+    """`study_features` of every study with a study image, in the order of `samples.studies`, from the
     canal probabilities of `samples`' canal crops."""
     by_study: dict[int, dict[str, np.ndarray]] = {}
     for p, (study, level) in zip(canal_probs, samples.keys["canal"]):
         by_study.setdefault(study, {})[level] = p
-    return np.stack([level_table(by_study.get(s, {})) for s in samples.studies])
+    return np.stack([study_features(by_study.get(s, {})) for s in samples.studies])
 
 
 def cross_fitted(x: np.ndarray, y: np.ndarray, studies: list[int], cfg: DegenerationConfig,
@@ -201,7 +205,8 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
         "network": {"block_inplanes": [16, 32, 64, 128], "layers": [1, 1, 1, 1], "gradcam_layer": GRADCAM_LAYER},
         "study": {"chosen": chosen, "svm_file": SVM_FILE, "scikit_learn": sklearn.__version__,
                   "cnn": "the study network on the mid-sagittal lumbar region",
-                  "cnn_svm": "an SVM on the canal network's grade probabilities per level, taught on cross-fitted "
+                  "cnn_svm": "an SVM on the canal network's grade probabilities (per finding, the largest over the levels "
+                             "and the sum of P(>= moderate) and P(>= severe)), taught on cross-fitted "
                              f"probabilities ({cfg.svm_folds} networks, each on the other folds' studies)"},
         "input": {"crop_pixels": data.CROP, "study_crop_pixels": data.STUDY_CROP, "sagittal_side": data.SAGITTAL_SIDE,
                   "axial_side_mm": data.AXIAL_SIDE_MM, "foramen_mm": data.FORAMEN_MM},
