@@ -9,7 +9,8 @@ slice nearest each disc is found from the sagittal geometry (subarticular recess
 per view grades its crops; the study label comes from the CNN or the CNN-SVM hybrid, whichever won
 on validation studies. Each image a decision was made on gets one Grad-CAM map (the largest of its
 decisions' maps, each laid back where its crop came from); its description lists the decisions.
-The CNN-SVM's study label cites the canal map (the SVM reads that network); the plain CNN's gets its own.
+The CNN-SVM's study label cites the mid-sagittal canal map (the SVM reads that network and the axial
+one, whose maps are on the axial slices); the plain CNN's gets its own.
 """
 
 from __future__ import annotations
@@ -62,16 +63,16 @@ class Model:
 
         return grade_probabilities(self.nets[view], crops, self.heads[view])
 
-    def study(self, image: np.ndarray, canal_probs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def study(self, image: np.ndarray, probs: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
         """Class probabilities of the study from the plain CNN (on the study image) and from the
-        CNN-SVM (on the canal network's grade probabilities per level, as `grades` gave them)."""
+        CNN-SVM (on {view: {level: the canal or axial network's probabilities, as `grades` gave them}})."""
         import torch
 
         from training.trainers.degeneration import study_features
 
         with torch.inference_mode():
             cnn = torch.softmax(self.nets["study"](torch.from_numpy(image[None])), 1).numpy()[0]
-        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(study_features(canal_probs)[None])[0]}
+        return {"cnn": cnn, "cnn_svm": self.svm.predict_proba(study_features(probs)[None])[0]}
 
     def explain(self, view: str, crop: np.ndarray, head: int, grade: int) -> np.ndarray:
         import torch
@@ -115,7 +116,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         a.problems.append("no sagittal T1: the neural foramina are graded on the T2 series")
     foramen_series, labels_f = (t1, segment(t1).labels) if t1 is not None else (t2, labels_t2)
     foramina = data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume))
-    canal_probs: dict[str, np.ndarray] = {}  # level -> the canal network's [head, grade] probabilities
+    level_probs: dict[str, dict[str, np.ndarray]] = {}  # view -> level -> [head, grade] probabilities (canal, axial)
     views: dict[str, tuple[Series, dict]] = {"canal": (t2, data.canal_crops(t2, labels_t2, v2)),
                                              "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in foramina.items()})}
     axial = next((s for s in planes.get("axial", []) if s.weighting == "T2"), None)
@@ -130,8 +131,8 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         if series is not t2:
             a.sources += series.datasets
         probs = model.grades(view, np.stack([c.image for c in crops.values()]))
-        if view == "canal":
-            canal_probs = dict(zip(crops, probs))
+        if view != "foramen":
+            level_probs[view] = dict(zip(crops, probs))
         maps: dict[int, tuple[np.ndarray, list[str]]] = {}  # slice -> (map, decisions)
         for (key, crop), p in zip(crops.items(), probs):
             side, level = key.split(" ") if view == "foramen" else ("", key)
@@ -146,11 +147,11 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
     if image is None:
         a.problems.append("no lumbar region segmented on the T2 series: no study label")
     else:
-        a.study = model.study(image.image, canal_probs)
+        a.study = model.study(image.image, level_probs)
         k = int(np.argmax(a.study[a.study_label]))
         canal_map = next((e for e in a.explanations if e.sop_instance_uid == str(t2.datasets[image.slice].SOPInstanceUID)), None)
         if a.study_label == "cnn_svm" and canal_map is not None:
-            # the SVM reads the canal network's view of each level: that network's maps are its evidence
+            # the SVM reads the canal (and axial) networks' view of each level: their maps are its evidence
             a.explanations[a.explanations.index(canal_map)] = Explanation(
                 canal_map.sop_instance_uid, canal_map.heatmap, f"study class {data.STUDY_CLASSES[k]} (CNN-SVM on these levels); "
                 + canal_map.decision)

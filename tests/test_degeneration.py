@@ -41,20 +41,26 @@ def test_the_rsna_score_weighs_grades_one_two_four_and_adds_any_severe_spinal() 
 
 
 def test_the_study_svm_reads_each_finding_wherever_its_level_is() -> None:
-    from training.trainers.degeneration import study_features
+    from training.trainers.degeneration import STUDY_READS, study_features
 
     normal = np.tile([0.9, 0.07, 0.03], (data.heads("canal"), 1))
     herniated = normal.copy()
-    herniated[1] = [0.2, 0.3, 0.5]  # head 1: herniation, P(>= moderate) 0.8, P(severe) 0.5
-    at_l2 = study_features({lv: herniated if lv == "L2/L3" else normal for lv in data.LEVELS})
-    at_l5 = study_features({lv: herniated if lv == "L5/S1" else normal for lv in data.LEVELS})
-    none = study_features({lv: normal for lv in data.LEVELS})
+    herniated[1] = [0.2, 0.3, 0.5]  # canal head 1: herniation, P(>= moderate) 0.8, P(severe) 0.5
+    axial = {lv: np.tile([0.9, 0.07, 0.03], (data.heads("axial"), 1)) for lv in data.LEVELS}
+    at_l2 = study_features({"canal": {lv: herniated if lv == "L2/L3" else normal for lv in data.LEVELS}, "axial": axial})
+    at_l5 = study_features({"canal": {lv: herniated if lv == "L5/S1" else normal for lv in data.LEVELS}, "axial": axial})
+    none = study_features({"canal": {lv: normal for lv in data.LEVELS}, "axial": axial})
     np.testing.assert_allclose(at_l2, at_l5, rtol=1e-6)
     assert not np.allclose(at_l2, none)
-    heads = data.heads("canal")
-    assert at_l2[1 * 2] == pytest.approx(0.8) and at_l2[1 * 2 + 1] == pytest.approx(0.5)  # largest over levels
-    assert at_l2[2 * heads + 1 * 2] == pytest.approx(0.8 + 4 * 0.1)  # summed over levels
-    assert study_features({"L4/L5": herniated}).shape == none.shape  # a level not located counts as nothing found
+    sagittal, axial_read, reads = STUDY_READS.index(("canal", "herniation")), STUDY_READS.index(("axial", "herniation")), len(STUDY_READS)
+    assert at_l2[sagittal * 2] == pytest.approx(0.8) and at_l2[sagittal * 2 + 1] == pytest.approx(0.5)  # largest over levels
+    assert at_l2[2 * reads + sagittal * 2] == pytest.approx(0.8 + 4 * 0.1)  # summed over levels
+    assert at_l2[axial_read * 2] == pytest.approx(0.1)  # the axial network saw no herniation
+    # no axial series: the sagittal reading of herniation stands in for the axial one
+    no_axial = study_features({"canal": {lv: herniated if lv == "L2/L3" else normal for lv in data.LEVELS}})
+    assert no_axial[axial_read * 2] == pytest.approx(0.8)
+    assert study_features({"canal": {"L4/L5": herniated}}).shape == none.shape  # a level not located counts as nothing found
+
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -193,7 +199,8 @@ def test_training_writes_a_model_folder_that_grades(tmp_path: Path) -> None:
     model = Model(train(cfg, tmp_path / "model", tmp_path / "cache"))
     crops = np.random.default_rng(0).random((3, 3, data.CROP, data.CROP), dtype=np.float32)
     p = model.grades("axial", crops)
-    assert p.shape == (3, 2, 3) and np.allclose(p.sum(-1), 1, atol=1e-5)
+    assert p.shape == (3, data.heads("axial"), 3) and np.allclose(p.sum(-1), 1, atol=1e-5)
+    levels = ("L4/L5", "L5/S1")
     study = model.study(np.random.default_rng(1).random((3, data.STUDY_CROP, data.STUDY_CROP), dtype=np.float32),
-                        dict(zip(("L4/L5", "L5/S1"), model.grades("canal", crops[:2]))))
+                        {"canal": dict(zip(levels, model.grades("canal", crops[:2]))), "axial": dict(zip(levels, p[:2]))})
     assert set(study) == {"cnn", "cnn_svm"} and all(v.shape == (4,) for v in study.values())

@@ -36,11 +36,12 @@ STUDY_CLASSES = ("healthy", "herniated_disc", "spinal_stenosis", "spondylosis")
 VIEWS = {"canal": ("spinal_canal_stenosis",),
          "foramen": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
          "axial": ("left_subarticular_stenosis", "right_subarticular_stenosis")}
-# taught on the canal crops beside the canal grade, not reported: what the study label reads
-AUXILIARY = {"canal": ("herniation", "disc_degeneration")}
+# taught beside a view's grades, not reported: what the study label reads (herniation twice: the
+# axial slice through the disc shows a protrusion across its width, the sagittal one only where it cuts)
+AUXILIARY = {"canal": ("herniation", "disc_degeneration"), "axial": ("herniation",)}
 AUXILIARY_GRADES = {"herniation": {"none": 0, "bulge": 0, "protrusion": 1, "extrusion": 2},
                     "disc_degeneration": {"none": 0, "mild": 0, "moderate": 1, "severe": 2}}
-DATA_VERSION = 2  # part of the sample cache's name: raise it when samples change (2: auxiliary canal grades)
+DATA_VERSION = 3  # part of the sample cache's name: raise it when samples change (2: auxiliary canal grades, 3: axial)
 CROP = 64
 STUDY_CROP = 96
 STUDY_ENLARGE = 1.15  # the study image: the L1-S1 region's box grown by this, squared
@@ -238,15 +239,15 @@ def phantom_samples(seed: int, max_matrix: int = 320) -> DegenerationSamples:
     levels = truth["levels"]
     grade = lambda lv, c: GRADES.index(levels[lv][c])  # noqa: E731
     v2, v1 = normalise(t2.volume), normalise(t1.volume)
+    auxiliary = lambda view, lv: [AUXILIARY_GRADES[c][levels[lv][c]] for c in AUXILIARY[view]]  # noqa: E731
     for lv, crop in canal_crops(t2, labels["SAG T2"], v2).items():
-        auxiliary = [AUXILIARY_GRADES[c][levels[lv][c]] for c in AUXILIARY["canal"]]
-        _add(out, "canal", crop.image, [grade(lv, "spinal_canal_stenosis"), *auxiliary], seed, lv)
+        _add(out, "canal", crop.image, [grade(lv, "spinal_canal_stenosis"), *auxiliary("canal", lv)], seed, lv)
     for (side, lv), crop in foramen_crops(t1, labels["SAG T1"], v1).items():
         _add(out, "foramen", crop.image, [grade(lv, f"{side}_neural_foraminal_narrowing")], seed, f"{side} {lv}")
     if axial is not None:
         for lv, crop in axial_crops(t2, labels["SAG T2"], axial, normalise(axial.volume)).items():
-            _add(out, "axial", crop.image, [grade(lv, "left_subarticular_stenosis"), grade(lv, "right_subarticular_stenosis")],
-                 seed, lv)
+            _add(out, "axial", crop.image, [grade(lv, "left_subarticular_stenosis"), grade(lv, "right_subarticular_stenosis"),
+                                            *auxiliary("axial", lv)], seed, lv)
     image = study_image(t2, labels["SAG T2"], v2)
     if image is not None:
         out.study_images.append(image.image)

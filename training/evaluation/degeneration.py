@@ -46,7 +46,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     xs, ys = np.stack(held.study_images), np.asarray(held.study_classes)
     with torch.inference_mode():
         p_cnn = torch.softmax(model.nets["study"](torch.from_numpy(xs)), 1).numpy()
-    p_svm = model.svm.predict_proba(studies_features(held, probs["canal"]))
+    p_svm = model.svm.predict_proba(studies_features(held, probs))
     m["study"] = {}
     for name, p in (("cnn", p_cnn), ("cnn_svm", p_svm)):
         cm = confusion([data.STUDY_CLASSES[i] for i in ys], [data.STUDY_CLASSES[i] for i in p.argmax(1)], list(data.STUDY_CLASSES),
