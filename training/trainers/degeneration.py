@@ -103,7 +103,7 @@ def train_network(name: str, x: np.ndarray, y: np.ndarray, classes: int, cfg: De
 # what the CNN-SVM reads per level: (view, finding) of a head of that view's network
 STUDY_READS = (("canal", "spinal_canal_stenosis"), ("canal", "herniation"), ("canal", "disc_degeneration"),
                ("axial", "herniation"))
-STUDY_VIEWS = ("canal", "axial")
+STUDY_VIEWS = tuple(dict.fromkeys(view for view, _ in STUDY_READS))
 
 
 def _head(view: str, finding: str) -> int:
