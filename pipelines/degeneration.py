@@ -116,7 +116,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         a.problems.append("no sagittal T1: the neural foramina are graded on the T2 series")
     foramen_series, labels_f = (t1, segment(t1).labels) if t1 is not None else (t2, labels_t2)
     foramina = data.foramen_crops(foramen_series, labels_f, normalise(foramen_series.volume))
-    level_probs: dict[str, dict[str, np.ndarray]] = {}  # view -> level -> [head, grade] probabilities (canal, axial)
+    level_probs: dict[str, dict[str, np.ndarray]] = {}  # view -> crop key -> [head, grade]: the study SVM reads what it needs
     views: dict[str, tuple[Series, dict]] = {"canal": (t2, data.canal_crops(t2, labels_t2, v2)),
                                              "foramen": (foramen_series, {f"{side} {lv}": c for (side, lv), c in foramina.items()})}
     axial = next((s for s in planes.get("axial", []) if s.weighting == "T2"), None)
@@ -131,8 +131,7 @@ def assess(files: list[Path], model: Model | None = None) -> Assessment:
         if series is not t2:
             a.sources += series.datasets
         probs = model.grades(view, np.stack([c.image for c in crops.values()]))
-        if view != "foramen":
-            level_probs[view] = dict(zip(crops, probs))
+        level_probs[view] = dict(zip(crops, probs))
         maps: dict[int, tuple[np.ndarray, list[str]]] = {}  # slice -> (map, decisions)
         for (key, crop), p in zip(crops.items(), probs):
             side, level = key.split(" ") if view == "foramen" else ("", key)
@@ -203,4 +202,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, a.sources, model.algorithm, options, findings=found, explanations=a.explanations)
 
 
-register(Pipeline("degeneration", run, device="gpu", version="1.1", scope="study", model_dir=MODEL_DIR, load_model=load_model))
+register(Pipeline("degeneration", run, device="gpu", version="1.3", scope="study", model_dir=MODEL_DIR, load_model=load_model))

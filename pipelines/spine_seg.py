@@ -95,7 +95,7 @@ class Model:
                 p = sum(w * torch.softmax(m.net(torch.from_numpy(m.inputs(padded, k)).to(self.device)), dim=1)
                         for m, w in self.members)
                 # back to the series grid (pixel centres aligned, edges held) where the network ran:
-                # scipy's zoom of the whole stack on the CPU took about a second of a 2-core budget
+                # scipy's 4-D zoom of the whole stack took 3.3 s of a 7.3 s spine-seg + lordosis run
                 p = torch.nn.functional.interpolate(p[:, :, :r, :c], size=(rows, cols), mode="bilinear", align_corners=False)
                 out.append(p.float().cpu().numpy())
         return np.concatenate(out).transpose(1, 0, 2, 3)  # class, slice, row, col
