@@ -394,9 +394,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--beyond-ends", action="store_true", help="real cases: teach that below L5 lies no lumbar "
                     "vertebral body and above the L1/L2 disc no disc (what the level names imply beyond the labels)")
-    tr.add_argument("--run-rows", action="store_true", help="real cases: teach that in the rows inside the labelled "
-                    "run every unlabelled voxel (prevertebral tissue, posterior elements, slices lateral to the spine) "
-                    "is not of the labelled kind")
+    tr.add_argument("--run-rows", action=argparse.BooleanOptionalAction, default=True, help="real cases: teach that "
+                    "in the rows inside the labelled run every unlabelled voxel (prevertebral tissue, posterior elements, "
+                    "slices lateral to the spine) is not of the labelled kind (spine-seg 1.1's recipe; --no-run-rows: 1.0's)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")

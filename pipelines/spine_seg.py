@@ -29,7 +29,7 @@ GRADCAM_LAYER = "model.1.submodule.2"  # the decoder block at half resolution
 BODY, S1, DISC, CANAL = 1, 2, 3, 4
 LUMBAR = ["L5", "L4", "L3", "L2", "L1"]  # counted up from S1
 MIN_BODY_MM3, MIN_S1_MM3, MIN_DISC_MM3 = 1500.0, 1500.0, 250.0
-MIN_BODY_FRACTION = 0.3  # of the typical (median of the five largest) body volume
+MIN_FRACTION = 0.3  # of a typical body: smaller is a fragment; of a typical disc: too little to be a mobile disc
 S1_CONTACT = 0.05  # share of a body's voxels next to S1 above which it is part of S1
 SPLIT_MM = 3.0  # erosion that separates vertebral bodies touching through misclassified pixels
 MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
@@ -156,14 +156,16 @@ def _components(mask: np.ndarray, voxel_mm3: float, minimum: float, series: Seri
     sub = mask[box]
     if split_mm > 0:
         steps = max(1, int(round(split_mm / min(series.spacing))))
-        cross = ndimage.generate_binary_structure(2, 1)[np.newaxis]  # in-plane only, slice by slice
-        seeds, n = ndimage.label(ndimage.binary_erosion(sub, cross, iterations=steps))
+        cross = ndimage.generate_binary_structure(2, 1)[np.newaxis]  # in-plane, slice by slice
+        across = np.ones((3, 1, 1), dtype=bool)  # and once across slices: a bridge in one slice only goes too
+        core = ndimage.binary_erosion(ndimage.binary_erosion(sub, cross, iterations=steps), across)
+        seeds, n = ndimage.label(core)
         if n == 0:
             return []
         gap = voxel_mm3 / (series.spacing[0] * series.spacing[1])
         dist, idx = ndimage.distance_transform_edt(seeds == 0, sampling=(gap, *series.spacing), return_indices=True)
         # voxels further than the erosion from every seed belonged to fragments that vanished: left out
-        lab = np.where(sub & (dist <= 1.5 * steps * max(series.spacing)), seeds[tuple(idx)], 0)
+        lab = np.where(sub & (dist <= np.hypot(1.5 * steps * max(series.spacing), gap)), seeds[tuple(idx)], 0)
     else:
         lab, n = ndimage.label(sub)
     sizes = ndimage.sum_labels(sub, lab, range(1, n + 1))
@@ -191,23 +193,37 @@ def _between(discs: list[Component], lower: np.ndarray, upper: np.ndarray) -> li
     return [d for d in discs if lower[2] < d[1][2] < upper[2]]
 
 
-def _find_s1(classes: np.ndarray, bodies: list[Component], discs: list[Component], v: float, series: Series,
+Discs = list[tuple[float, int]]  # height (patient mm) and voxel count of each disc component
+
+
+def _disc_between(discs: Discs, lower: float, upper: float) -> bool:
+    """Whether the disc voxels centred between heights `lower` and `upper` add up to a good part of
+    a typical disc: fragments of one disc add up; a scrap of the S1/S2 remnant does not."""
+    voxels = sum(n for z, n in discs if lower < z < upper)
+    return voxels > 0 and voxels >= MIN_FRACTION * float(np.median(sorted((n for _, n in discs), reverse=True)[:5]))
+
+
+def _find_s1(classes: np.ndarray, bodies: list[Component], discs: Discs, v: float, series: Series,
              problems: list[str]) -> Component | None:
-    """S1: the largest S1-class component with a vertebral body within reach above it; else, when
-    the network marked none, the lowest body with a disc above it and none below it (below S1
-    the sacrum is fused: there is no mobile disc)."""
-    for mask, centre in sorted(_components(classes == S1, v, MIN_S1_MM3, series), key=lambda c: -c[0].sum()):
-        if any(0 < b[1][2] - centre[2] and np.linalg.norm(b[1] - centre) <= MAX_STEP_MM for b in bodies):
-            return mask, centre
+    """S1, in order of confidence: the largest S1-class component with a disc between it and the
+    nearest vertebral body above it; else the lowest body with a disc above it and none below it
+    (below S1 the sacrum is fused: there is no mobile disc; a field of view ending inside S1 leaves
+    it cut, often marked as a body, with scraps of the S1/S2 remnant disc under it); else an
+    S1-class component with a body within reach above."""
+    marked = sorted(_components(classes == S1, v, MIN_S1_MM3, series), key=lambda c: -c[0].sum())
+    reach = [(s, [b for b in bodies if 0 < b[1][2] - s[1][2] and np.linalg.norm(b[1] - s[1]) <= MAX_STEP_MM])
+             for s in marked]
+    for s, above in reach:
+        if above and _disc_between(discs, s[1][2], min(b[1][2] for b in above)):
+            return s
     ordered = sorted(bodies, key=lambda b: b[1][2])
-    for i, (mask, centre) in enumerate(ordered[:-1]):
-        above = _between(discs, centre, ordered[i + 1][1])
-        below = [d for d in discs if 0 < centre[2] - d[1][2] <= MAX_STEP_MM / 2]
-        if above and not below:
+    for (mask, centre), upper in zip(ordered, ordered[1:]):
+        below = _disc_between(discs, centre[2] - MAX_STEP_MM / 2, centre[2])
+        if _disc_between(discs, centre[2], upper[1][2]) and not below:
             problems.append("S1 taken as the lowest vertebra with a disc above it and none below "
                             "(the network did not mark S1 itself)")
             return mask, centre
-    return None
+    return next((s for s, above in reach if above), None)
 
 
 def _below_l5(bodies: list[Component], discs: list[Component]) -> np.ndarray | None:
@@ -234,14 +250,16 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
     if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
         typical = float(np.median(sorted((c[0].sum() for c in candidates), reverse=True)[:5]))
-        candidates = [c for c in candidates if c[0].sum() >= MIN_BODY_FRACTION * typical]
+        candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical]
     discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
-    s1 = _find_s1(classes, candidates, discs, v, series, out.problems)
+    heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
+    s1 = _find_s1(classes, candidates, heights, v, series, out.problems)
     if s1 is not None:
         s1_mask, s1_centre = s1
-        # a "body" sharing a long border with S1 is S1 that the network was unsure of
+        # a "body" sharing a long border with S1 and no disc between them is S1 that the network was unsure of
         near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
-        s1_parts = [c for c in candidates if c[0] is s1_mask or (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()]
+        s1_parts = [c for c in candidates if c[0] is s1_mask or ((c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()
+                                                                 and not _disc_between(heights, s1_centre[2], c[1][2]))]
         for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
             out.labels[comp] = LABEL_VALUES["S1"]
         candidates = [b for b in candidates if all(b[0] is not p[0] for p in s1_parts)]
@@ -313,4 +331,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, series.datasets, model.algorithm, options, segments=segments)
 
 
-register(Pipeline("spine-seg", run, device="gpu", version="1.0", model_dir=MODEL_DIR, load_model=load_model))
+register(Pipeline("spine-seg", run, device="gpu", version="1.1", model_dir=MODEL_DIR, load_model=load_model))

@@ -87,6 +87,39 @@ def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> 
     assert m.angles == [] and all("L1 not found" in p for p in m.problems)
 
 
+def test_naming_holds_when_s1_is_cut_and_bodies_touch(lumbar_studies: list[Path]) -> None:
+    """What held-out real scans showed: a field of view ending inside S1 leaves S1 marked as a
+    body with a scrap of the S1/S2 remnant disc under it, and two bodies touch through one lateral
+    slice where the disc between them was missed. Neither may shift the count from the sacrum."""
+    series, labels, _ = series_and_truth(lumbar_studies[0])
+    classes = phantom_classes(labels)
+    s1 = labels == LABEL_VALUES["S1"]
+    classes[s1] = 1  # S1 taken for a lumbar body
+    rows = np.nonzero(s1.any(axis=(0, 2)))[0]
+    scrap = np.zeros_like(s1)
+    scrap[:, rows.max() + 1: rows.max() + 4] = s1[:, rows.max() - 3: rows.max()]  # a thin disc scrap under it
+    classes[scrap & (classes == 0)] = 3
+    disc = labels == LABEL_VALUES["L1/L2"]
+    lateral = int(np.nonzero(disc.any(axis=(1, 2)))[0].min())  # the first slice holding the L1/L2 disc
+    classes[lateral][disc[lateral]] = 1  # L1 and L2 joined there
+    named = name_levels(classes, series)
+    assert any("S1 taken as the lowest vertebra" in p for p in named.problems)
+    for n in ["L1", "L2", "L3", "L4", "L5", "S1", "L4/L5", "L5/S1"]:
+        assert dice(named.labels == LABEL_VALUES[n], labels == LABEL_VALUES[n]) > 0.95, n
+    # S1 marked on the lower third of L5 too, joined to S1 through the L5/S1 disc in one slice
+    # (phantom 5028 held out): L5 touches S1 but a disc lies between them, so L5 stays L5
+    classes = phantom_classes(labels)
+    l5 = labels == LABEL_VALUES["L5"]
+    rows = np.nonzero(l5.any(axis=(0, 2)))[0]
+    classes[l5 & (np.arange(labels.shape[1])[None, :, None] > rows.max() - len(rows) // 3)] = 2
+    middle = len(labels) // 2
+    classes[middle][labels[middle] == LABEL_VALUES["L5/S1"]] = 2
+    named = name_levels(classes, series)
+    assert dice(named.labels == LABEL_VALUES["L5"], l5) > 0.6
+    for n in ["L1", "L2", "L3", "L4", "L4/L5"]:
+        assert dice(named.labels == LABEL_VALUES[n], labels == LABEL_VALUES[n]) > 0.95, n
+
+
 def test_a_folder_without_a_sagittal_mr_series_is_refused_clearly(tmp_path: Path) -> None:
     generate_study(tmp_path, 9, PhantomOptions(contrasts=("T2",), axial=True, max_matrix=192))
     with pytest.raises(NoUsableSeries, match="no sagittal MR series"):
