@@ -200,7 +200,12 @@ def _disc_between(discs: Discs, lower: float, upper: float) -> bool:
     """Whether the disc voxels centred between heights `lower` and `upper` add up to a good part of
     a typical disc: fragments of one disc add up; a scrap of the S1/S2 remnant does not."""
     voxels = sum(n for z, n in discs if lower < z < upper)
-    return voxels > 0 and voxels >= MIN_FRACTION * float(np.median(sorted((n for _, n in discs), reverse=True)[:5]))
+    return voxels > 0 and voxels >= MIN_FRACTION * _typical([n for _, n in discs])
+
+
+def _typical(sizes: list[int]) -> float:
+    """Voxels of a typical body or disc: the median of the five largest components."""
+    return float(np.median(sorted(sizes, reverse=True)[:5]))
 
 
 def _find_s1(classes: np.ndarray, bodies: list[Component], discs: Discs, v: float, series: Series,
@@ -249,17 +254,21 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     out.labels[classes == CANAL] = LABEL_VALUES["canal"]
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
     if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
-        typical = float(np.median(sorted((c[0].sum() for c in candidates), reverse=True)[:5]))
+        typical = _typical([int(c[0].sum()) for c in candidates])
         candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical]
     discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
     heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
     s1 = _find_s1(classes, candidates, heights, v, series, out.problems)
     if s1 is not None:
         s1_mask, s1_centre = s1
-        # a "body" sharing a long border with S1 and no disc between them is S1 that the network was unsure of
         near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
-        s1_parts = [c for c in candidates if c[0] is s1_mask or ((c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()
-                                                                 and not _disc_between(heights, s1_centre[2], c[1][2]))]
+
+        def part_of_s1(c: Component) -> bool:
+            """A "body" sharing a long border with S1 and no disc between them is S1 the network was unsure of."""
+            touching = (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()
+            return c[0] is s1_mask or (touching and not _disc_between(heights, s1_centre[2], c[1][2]))
+
+        s1_parts = [c for c in candidates if part_of_s1(c)]
         for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
             out.labels[comp] = LABEL_VALUES["S1"]
         candidates = [b for b in candidates if all(b[0] is not p[0] for p in s1_parts)]
