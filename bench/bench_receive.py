@@ -1,7 +1,8 @@
 """Receive rate of `dicomnode serve` against DCMTK storescp and Orthanc, in the same run.
 
 512x512 16-bit MR instances are sent by DCMTK storescu: one association, and eight at once.
-Also: peak memory of `serve` while receiving, and the delay from the last instance of a series to
+Also: each receiver's CPU time per instance (on a machine with few cores the rate with eight
+associations is bounded by it), peak memory of `serve` while receiving, and the delay from the last instance of a series to
 its job start beyond the quiet period. Run: `.venv/bin/python bench/bench_receive.py [--n 400]`.
 """
 
@@ -63,6 +64,26 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU of these processes so far (their reaped children not counted)."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure(pid: int, port: int, aec: str, files: list[Path], parallel: int) -> tuple[float, float]:
+    """Instances per second, and the receiver's CPU milliseconds per instance (its whole process tree)."""
+    pids = process_tree(pid)
+    before = cpu_seconds(pids)
+    seconds = send(port, aec, files, parallel)
+    return len(files) / seconds, 1000 * (cpu_seconds(pids) - before) / len(files)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=400)
@@ -70,12 +91,14 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-receive-"))
     files = make_instances(tmp, args.n)
     rates: dict[str, dict[int, float]] = {}
+    cpu: dict[str, dict[int, float]] = {}
     peaks: dict[int, float] = {}
     for parallel in (1, 8):
         for name, receivers in ((OURS, 1), (OURS_2, 2)):
             node = NodeProcess(tmp / f"node{parallel}-{receivers}", {"node": {"receivers": receivers}}).start()
             time.sleep(2 if receivers > 1 else 0)  # the receiver processes start
-            rates.setdefault(name, {})[parallel] = args.n / send(node.port, "DICOMNODE", files, parallel)
+            rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(
+                node.proc.pid, node.port, "DICOMNODE", files, parallel)
             rss = sum(map(peak_rss_mb, process_tree(node.proc.pid)))
             peaks[receivers] = max(peaks.get(receivers, 0.0), rss)
             node.stop()
@@ -85,11 +108,14 @@ def main() -> None:
         scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
         wait_port(port)
-        rates.setdefault("DCMTK storescp (no fsync, no index)", {})[parallel] = args.n / send(port, "STORESCP", files, parallel)
+        name = "DCMTK storescp (no fsync, no index)"
+        rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(scp.pid, port, "STORESCP", files, parallel)
         scp.terminate()
         scp.wait()
         orthanc = Orthanc(tmp / f"orthanc{parallel}", {}).start()
-        rates.setdefault("Orthanc (Debian package, SQLite)", {})[parallel] = args.n / send(orthanc.dicom_port, "ORTHANC", files, parallel)
+        name = "Orthanc (Debian package, SQLite)"
+        rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(
+            orthanc.proc.pid, orthanc.dicom_port, "ORTHANC", files, parallel)
         orthanc.stop()
 
     # Delay from the last instance to the job start, beyond the quiet period.
@@ -111,9 +137,9 @@ def main() -> None:
 
     print(f"{date.today()}, {platform.machine()}, {os.cpu_count()} cores; {args.n} instances of 512x512x16 bit MR, "
           "sent by DCMTK storescu over loopback\n")
-    print("| receiver | 1 association (inst/s) | 8 at once (inst/s) |\n|---|---|---|")
+    print("| receiver | 1 association (inst/s) | 8 at once (inst/s) | receiver CPU per instance, 1 / 8 (ms) |\n|---|---|---|---|")
     for name, r in rates.items():
-        print(f"| {name} | {r[1]:.0f} | {r[8]:.0f} |")
+        print(f"| {name} | {r[1]:.0f} | {r[8]:.0f} | {cpu[name][1]:.1f} / {cpu[name][8]:.1f} |")
     for name in (OURS, OURS_2):
         for ref in ("DCMTK storescp (no fsync, no index)", "Orthanc (Debian package, SQLite)"):
             print(f"\n{name} / {ref}: {rates[name][1] / rates[ref][1]:.2f} (1 association), "

@@ -376,6 +376,43 @@ def test_each_association_gets_its_own_contexts_sharing_the_uids() -> None:
     assert len(contexts[0].transfer_syntax) == len(ALL_TRANSFER_SYNTAXES)
 
 
+def test_idle_associations_wait_instead_of_polling() -> None:
+    """pynetdicom's two threads per association poll every millisecond; the listener's wait on
+    their socket and queues (`dicomnode.reactor`) and still echo, release and abort as before."""
+    from collections import Counter
+
+    from pynetdicom.sop_class import Verification
+
+    from dicomnode.scp import Listener
+
+    ae = AE("DICOMNODE")
+    ae.add_supported_context(Verification)
+    port = free_port()
+    server = ae.make_server(("127.0.0.1", port), server_class=Listener)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    scu = AE("STORESCU")
+    scu.add_requested_context(Verification)
+    try:
+        assoc = scu.associate("127.0.0.1", port)
+        assert assoc.is_established
+        wait_for(lambda: server.active_associations, 5)
+        acceptor = server.active_associations[0]
+        calls: Counter[str] = Counter()
+        look_at_socket, look_for_message = acceptor.dul._is_transport_event, acceptor.dimse.get_msg
+        acceptor.dul._is_transport_event = lambda: calls.update(["dul"]) or look_at_socket()
+        acceptor.dimse.get_msg = lambda block=False: calls.update(["dimse"]) or look_for_message(block)
+        time.sleep(0.5)
+        assert 0 < calls["dul"] < 50 and 0 < calls["dimse"] < 50, calls  # polling: ~500 each
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert assoc.is_released
+        aborted = scu.associate("127.0.0.1", port)
+        aborted.abort()
+        wait_for(lambda: not server.active_associations, 5)
+    finally:
+        server.shutdown()
+
+
 def receiver_pids(node: NodeProcess) -> list[int]:
     """The node's receiver processes (spawned by multiprocessing; not its resource tracker)."""
     pids = []

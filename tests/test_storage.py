@@ -70,3 +70,30 @@ def test_a_dead_job_is_requeued_once_however_many_ask(tmp_path: Path) -> None:
         jobs.retry(job_id)
     with pytest.raises(KeyError, match="there is no job 99"):
         jobs.retry(99)
+
+
+@pytest.mark.parametrize("instance_uid", ["1.2.3.45", "1.2.3.4"])  # even and odd length: padding
+def test_part10_header_is_read_by_pydicom_and_dcmtk(tmp_path: Path, instance_uid: str) -> None:
+    """The listener writes each file's meta information itself (`part10_header`)."""
+    import subprocess
+
+    import pydicom
+    from pydicom.uid import ExplicitVRLittleEndian, MRImageStorage
+    from pynetdicom.dsutils import encode
+
+    from dicomnode.scp import part10_header
+
+    ds = pydicom.Dataset()
+    ds.SOPClassUID, ds.SOPInstanceUID, ds.Modality, ds.PatientID = MRImageStorage, instance_uid, "MR", "X"
+    path = tmp_path / "x.dcm"
+    path.write_bytes(part10_header(MRImageStorage, instance_uid, ExplicitVRLittleEndian, "STORESCU ")
+                     + encode(ds, False, True))
+    back = pydicom.dcmread(path)
+    meta = back.file_meta
+    assert (meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID) == (MRImageStorage, instance_uid)
+    assert meta.TransferSyntaxUID == ExplicitVRLittleEndian and meta.SourceApplicationEntityTitle == "STORESCU"
+    assert meta.FileMetaInformationVersion == b"\x00\x01" and back.SOPInstanceUID == instance_uid
+    assert subprocess.run(["dcmftest", str(path)], capture_output=True, text=True).stdout.startswith("yes")
+    dump = subprocess.run(["dcmdump", "-M", str(path)], capture_output=True, text=True)
+    assert dump.returncode == 0 and not dump.stderr, dump.stderr
+    assert meta.FileMetaInformationGroupLength == len(path.read_bytes()) - 144 - len(encode(ds, False, True))

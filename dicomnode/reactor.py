@@ -1,0 +1,133 @@
+"""Event-driven waits for the listener's associations, in place of pynetdicom's polling.
+
+pynetdicom (3.0) runs two threads per association that poll: the DUL checks its socket and
+queues every millisecond, the association checks for a complete DIMSE message every millisecond.
+With eight associations that is sixteen threads waking 1,000 times a second, each taking the
+interpreter lock: about a quarter of the receiver's CPU per instance (`bench/bench_receive.py`).
+Here the DUL waits in `select()` on its socket and a wake-up socket poked when there is something
+to send, and the association waits on an event set when a message, a release or an abort
+arrives. Both still wake every `IDLE_WAIT` seconds for their timers (ARTIM, network timeout).
+Reads take up to `RECV_CHUNK` bytes per call instead of 4 KiB; allocation still grows only as
+data arrives, so a PDU that claims gigabytes costs nothing until they are sent.
+
+pynetdicom builds these objects inside its request handler; `EventDrivenRequestHandler` upgrades
+them in place before the association starts (the subclasses add methods, no state of their own
+beyond what `make_event_driven` sets).
+"""
+
+from __future__ import annotations
+
+import queue
+import select
+import socket
+import ssl
+import threading
+from typing import Any, Callable
+
+from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dul import DULServiceProvider
+from pynetdicom.transport import AssociationSocket, RequestHandler
+
+IDLE_WAIT = 0.05
+RECV_CHUNK = 1 << 18
+
+
+class NotifyingQueue(queue.Queue):
+    """A queue that calls `notify` after each put (under the queue's lock: `notify` must not block)."""
+
+    def __init__(self, notify: Callable[[], Any]) -> None:
+        super().__init__()
+        self._notify = notify
+
+    def _put(self, item: Any) -> None:
+        super()._put(item)
+        self._notify()
+
+
+class EventDrivenDUL(DULServiceProvider):
+    """Waits for the peer's data or a local primitive instead of sleeping a millisecond per loop."""
+
+    _wake_r: socket.socket
+    _wake_w: socket.socket
+
+    def poke(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except OSError:  # full (already poked) or closed (the reactor has ended)
+            pass
+
+    def kill_dul(self) -> None:
+        super().kill_dul()
+        self.poke()
+
+    def run_reactor(self) -> None:
+        try:
+            super().run_reactor()
+        finally:
+            self._wake_r.close()
+            self._wake_w.close()
+
+    def _is_transport_event(self) -> bool:
+        """Called when there is nothing to send: wait until the peer sends or a primitive is queued."""
+        sock = self.socket.socket if self.socket is not None else None
+        idle = self.event_queue.empty() and self.to_provider_queue.empty() and not self._kill_thread
+        if idle and sock is not None and not (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            # Sta1 (connection closed): only a stop is to come, and `stop_dul` sets its flag unpoked.
+            timeout = 0.001 if self.state_machine.current_state == "Sta1" else IDLE_WAIT
+            try:
+                ready, _, _ = select.select([sock, self._wake_r], [], [], timeout)
+            except (OSError, ValueError):  # closed under us: the check below reports it
+                ready = []
+            if self._wake_r in ready:
+                try:
+                    self._wake_r.recv(4096)
+                except OSError:
+                    pass
+        return super()._is_transport_event()
+
+
+class EventDrivenDIMSE(DIMSEServiceProvider):
+    """The association's non-blocking look for a message waits (briefly) for one to arrive."""
+
+    _arrived: threading.Event
+
+    def get_msg(self, block: bool = False) -> Any:
+        if not block and self.msg_queue.empty():
+            self._arrived.wait(IDLE_WAIT)
+            self._arrived.clear()
+        return super().get_msg(block)
+
+
+class ChunkedSocket(AssociationSocket):
+    def recv(self, nr_bytes: int) -> bytearray:
+        """Read `nr_bytes` (fewer if the peer closes), up to `RECV_CHUNK` per call."""
+        out = bytearray()
+        while len(out) < nr_bytes and self.socket is not None:
+            chunk = self.socket.recv(min(RECV_CHUNK, nr_bytes - len(out)))
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def make_event_driven(assoc: Association) -> None:
+    """Upgrade a not yet started acceptor association (its DUL, DIMSE provider and socket)."""
+    arrived = threading.Event()
+    dul, dimse = assoc.dul, assoc.dimse
+    dul.__class__, dimse.__class__ = EventDrivenDUL, EventDrivenDIMSE
+    dul._wake_r, dul._wake_w = socket.socketpair()
+    dul._wake_w.setblocking(False)
+    dul.to_provider_queue = NotifyingQueue(dul.poke)
+    dul.to_user_queue = NotifyingQueue(arrived.set)  # a release or abort from the peer
+    dimse._arrived = arrived
+    dimse.msg_queue = NotifyingQueue(arrived.set)
+    if isinstance(dul.socket, AssociationSocket):
+        dul.socket.__class__ = ChunkedSocket
+
+
+class EventDrivenRequestHandler(RequestHandler):
+    def _create_association(self) -> Association:
+        assoc = super()._create_association()
+        make_event_driven(assoc)
+        return assoc
