@@ -2,8 +2,9 @@
 
 512x512 16-bit MR instances are sent by DCMTK storescu: one association, and eight at once.
 Also: each receiver's CPU time per instance (on a machine with few cores the rate with eight
-associations is bounded by it), peak memory of `serve` while receiving, and the delay from the last instance of a series to
-its job start beyond the quiet period. Run: `.venv/bin/python bench/bench_receive.py [--n 400]`.
+associations is bounded by it), peak memory of `serve` while receiving, and the delay from the
+last instance of a series to its job start beyond the quiet period.
+Run: `.venv/bin/python bench/bench_receive.py [--n 400]`.
 """
 
 from __future__ import annotations
