@@ -25,7 +25,7 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, free_port, phantom_series, wait_for, wait_port  # noqa: E402
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, cpu_seconds, free_port, phantom_series, wait_for, wait_port  # noqa: E402
 
 
 def make_instances(tmp: Path, n: int) -> list[Path]:
@@ -65,24 +65,12 @@ def peak_rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    """User + system CPU of these processes so far (their reaped children not counted)."""
-    total = 0.0
-    for pid in pids:
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except FileNotFoundError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return total
-
-
 def measure(pid: int, port: int, aec: str, files: list[Path], parallel: int) -> tuple[float, float]:
     """Instances per second, and the receiver's CPU milliseconds per instance (its whole process tree)."""
     pids = process_tree(pid)
-    before = cpu_seconds(pids)
+    before = sum(map(cpu_seconds, pids))
     seconds = send(port, aec, files, parallel)
-    return len(files) / seconds, 1000 * (cpu_seconds(pids) - before) / len(files)
+    return len(files) / seconds, 1000 * (sum(map(cpu_seconds, pids)) - before) / len(files)
 
 
 def main() -> None:

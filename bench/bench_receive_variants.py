@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_receive import make_instances, process_tree, send  # noqa: E402
-from tests.node_helpers import dicomnode_env, free_port, wait_port  # noqa: E402
+from tests.node_helpers import cpu_seconds, dicomnode_env, free_port, wait_port  # noqa: E402
 
 WRAPPER = """
 import os, sys
@@ -54,11 +54,6 @@ VARIANTS = {  # name: (extra environment, node section overrides)
     "no fsync": ({"BENCH_NO_FSYNC": "1"}, {}),
     "max PDU 16 KiB": ({}, {"max_pdu": 16384}),
 }
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def idle_seconds() -> float:

@@ -56,9 +56,10 @@ def routing_attributes(ds: Dataset) -> dict[str, Any]:
     return out
 
 
-def _element(element: int, vr: bytes, value: bytes, pad: bytes) -> bytes:
-    """One group-0002 element in explicit VR little endian, its value padded to even length."""
-    value += pad * (len(value) % 2)
+def _element(element: int, vr: bytes, value: bytes) -> bytes:
+    """One group-0002 element in explicit VR little endian, its value padded to even length
+    (text with a space, UIDs and bytes with a NUL)."""
+    value += (b" " if vr in (b"SH", b"AE") else b"\0") * (len(value) % 2)
     if vr == b"OB":
         return struct.pack("<HH2s2xI", 2, element, vr, len(value)) + value
     return struct.pack("<HH2sH", 2, element, vr, len(value)) + value
@@ -69,15 +70,15 @@ def part10_header(sop_class_uid: str, sop_instance_uid: str, transfer_syntax: st
     here because pynetdicom's `encoded_dataset` builds and validates it with pydicom, about 0.4 ms
     of each instance's CPU; the UIDs were checked already (`Identity.of`)."""
     group = b"".join([
-        _element(0x0001, b"OB", b"\x00\x01", b"\0"),
-        _element(0x0002, b"UI", sop_class_uid.encode(), b"\0"),
-        _element(0x0003, b"UI", sop_instance_uid.encode(), b"\0"),
-        _element(0x0010, b"UI", transfer_syntax.encode(), b"\0"),
-        _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode(), b"\0"),
-        _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode(), b" "),
-        _element(0x0016, b"AE", source_ae.strip().encode("ascii", "replace"), b" "),
+        _element(0x0001, b"OB", b"\x00\x01"),
+        _element(0x0002, b"UI", sop_class_uid.encode()),
+        _element(0x0003, b"UI", sop_instance_uid.encode()),
+        _element(0x0010, b"UI", transfer_syntax.encode()),
+        _element(0x0012, b"UI", PYNETDICOM_IMPLEMENTATION_UID.encode()),
+        _element(0x0013, b"SH", PYNETDICOM_IMPLEMENTATION_VERSION.encode()),
+        _element(0x0016, b"AE", source_ae.strip().encode("ascii", "replace")),
     ])
-    return b"\0" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<I", len(group)), b"") + group
+    return b"\0" * 128 + b"DICM" + _element(0x0000, b"UL", struct.pack("<I", len(group))) + group
 
 
 class TruncatedInstance(ValueError):

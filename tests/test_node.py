@@ -21,7 +21,7 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import MRImageStorage
 
-from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, dicomnode_cmd, free_port, phantom_series, wait_for
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, cpu_seconds, dicomnode_cmd, free_port, phantom_series, wait_for
 
 
 def jobs(node: NodeProcess) -> list[dict]:
@@ -423,11 +423,6 @@ def receiver_pids(node: NodeProcess) -> list[int]:
         except FileNotFoundError:  # exited meanwhile
             pass
     return pids
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().split()
-    return (int(fields[13]) + int(fields[14])) / os.sysconf("SC_CLK_TCK")
 
 
 def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path) -> None:
