@@ -8,7 +8,9 @@ Here the DUL waits in `select()` on its socket and a wake-up socket poked when t
 to send, and the association waits on an event set when a message, a release or an abort
 arrives. Both still wake every `IDLE_WAIT` seconds for their timers (ARTIM, network timeout).
 Reads take up to `RECV_CHUNK` bytes per call instead of 4 KiB; allocation still grows only as
-data arrives, so a PDU that claims gigabytes costs nothing until they are sent.
+data arrives, so a PDU that claims gigabytes costs nothing until they are sent. A plain C-STORE
+response (a status, no comment) is encoded here in a few microseconds; pynetdicom builds and encodes
+a pydicom dataset for it, twice for the group length (~0.5 ms per instance).
 
 pynetdicom builds these objects inside its request handler; `EventDrivenRequestHandler` upgrades
 them in place before the association starts (the subclasses add methods, no state of their own
@@ -21,16 +23,21 @@ import queue
 import select
 import socket
 import ssl
+import struct
 import threading
 from typing import Any, Callable
 
+from pynetdicom import evt
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler
 
 IDLE_WAIT = 0.05
 RECV_CHUNK = 1 << 18
+C_STORE_RSP, NO_DATA_SET = 0x8001, 0x0101
 
 
 class NotifyingQueue(queue.Queue):
@@ -97,6 +104,38 @@ class EventDrivenDIMSE(DIMSEServiceProvider):
             self._arrived.wait(IDLE_WAIT)
             self._arrived.clear()
         return super().get_msg(block)
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        encoded = c_store_rsp_command(primitive)
+        if encoded is None or self.assoc.get_handlers(evt.EVT_DIMSE_SENT) or len(encoded) + 6 > (self.maximum_pdu_size or 1 << 32):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, b"\x03" + encoded))  # command, last fragment
+        self.dul.send_pdu(pdata)
+
+
+def _command_element(element: int, value: bytes) -> bytes:
+    """One group-0000 element, implicit VR little endian (a UID padded with NUL to even length)."""
+    value += b"\0" * (len(value) % 2)
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def c_store_rsp_command(rsp: Any) -> bytes | None:
+    """The command set of a C-STORE response that carries only a status (PS3.7 9.3.1.2), or None
+    for any other message (pynetdicom encodes those)."""
+    if not isinstance(rsp, C_STORE) or None in (rsp.MessageIDBeingRespondedTo, rsp.Status, rsp.AffectedSOPClassUID,
+                                                rsp.AffectedSOPInstanceUID) or rsp.ErrorComment or rsp.OffendingElement:
+        return None
+    body = b"".join([
+        _command_element(0x0002, str(rsp.AffectedSOPClassUID).encode("ascii")),
+        _command_element(0x0100, struct.pack("<H", C_STORE_RSP)),
+        _command_element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
+        _command_element(0x0800, struct.pack("<H", NO_DATA_SET)),
+        _command_element(0x0900, struct.pack("<H", rsp.Status)),
+        _command_element(0x1000, str(rsp.AffectedSOPInstanceUID).encode("ascii")),
+    ])
+    return _command_element(0x0000, struct.pack("<I", len(body))) + body
 
 
 class ChunkedSocket(AssociationSocket):

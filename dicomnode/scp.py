@@ -23,6 +23,7 @@ from pynetdicom import (
     PYNETDICOM_IMPLEMENTATION_UID,
     PYNETDICOM_IMPLEMENTATION_VERSION,
     AllStoragePresentationContexts,
+    _config,
     evt,
 )
 from pynetdicom.sop_class import Verification
@@ -158,6 +159,10 @@ class StoreSCP:
                     (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
         addr = (self.cfg.node.host, self.cfg.node.port)
         tls = self.cfg.node.tls
+        # pynetdicom's standard handlers format every PDU and DIMSE message for its debug log even when
+        # that logger is at WARNING (and keep the reactor from answering C-STORE itself); the node logs its own
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            _config.LOG_HANDLER_LEVEL = "none"
         ae = self._ae()
         self.server = ae.make_server(addr, contexts=SharedUIDContexts(ae.supported_contexts), evt_handlers=handlers,
                                      ssl_context=dicom_server_context(tls) if tls else None,

@@ -376,6 +376,28 @@ def test_each_association_gets_its_own_contexts_sharing_the_uids() -> None:
     assert len(contexts[0].transfer_syntax) == len(ALL_TRANSFER_SYNTAXES)
 
 
+@pytest.mark.parametrize("status", [0x0000, 0xB000, 0xA900, 0xC211])
+@pytest.mark.parametrize("instance_uid", ["1.2.3.45", "1.2.3.4"])  # even and odd length: padding
+def test_c_store_response_encoded_as_pynetdicom_does(status: int, instance_uid: str) -> None:
+    """The listener encodes plain C-STORE responses itself (`reactor.c_store_rsp_command`): the
+    bytes are pynetdicom's own; a response with an error comment is left to pynetdicom."""
+    from pynetdicom.dimse_messages import C_STORE_RSP
+
+    from dicomnode.reactor import c_store_rsp_command
+
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo, rsp.Status = 65535, status
+    rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID = MRImageStorage, instance_uid
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    assert c_store_rsp_command(rsp) == encode(message.command_set, True, True)
+    rsp.ErrorComment = "disk full"
+    assert c_store_rsp_command(rsp) is None
+    request = C_STORE()
+    request.MessageID, request.AffectedSOPClassUID, request.AffectedSOPInstanceUID = 1, MRImageStorage, instance_uid
+    assert c_store_rsp_command(request) is None
+
+
 def test_idle_associations_wait_instead_of_polling() -> None:
     """pynetdicom's two threads per association poll every millisecond; the listener's wait on
     their socket and queues (`dicomnode.reactor`) and still echo, release and abort as before."""
