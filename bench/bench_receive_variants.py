@@ -4,9 +4,9 @@ Each variation changes one thing in `dicomnode serve` (its configuration, or by 
 product does not offer) and measures 400 instances of 512x512 16-bit MR sent by DCMTK storescu, one association and eight:
 
 - baseline: the node as shipped;
-- two and three receiver processes on one port (`node.receivers`; SO_REUSEPORT, the kernel
-  spreads the associations by a hash of their addresses, not evenly): if the interpreter lock
-  is the limit, this scales;
+- two and three receiver processes on one port (`node.receivers`; the main process passes each
+  new association to the process with the fewest open ones): if the interpreter lock is the
+  limit, this scales;
 - no fsync: if durability were the limit, this rises;
 - 16 KiB PDUs: what a small maximum PDU costs (the node offers an unlimited one);
 - contexts deep-copied per association: pynetdicom's own copy of the listener's presentation

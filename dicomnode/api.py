@@ -122,7 +122,8 @@ def create_app(node: "Node", tokens: dict[str, str]) -> FastAPI:
         return {"Name": "dicomnode", "Version": __version__, "DicomAet": cfg.node.ae_title, "DicomPort": cfg.node.port,
                 "DicomTls": cfg.node.tls is not None, "HttpPort": api.port, "RuleMode": cfg.rule_mode,
                 "Receivers": {"Configured": cfg.node.receivers,
-                              "Running": 1 + (node.receivers.running() if node.receivers else 0)},
+                              "Running": 1 + (node.receivers.running() if node.receivers else 0),
+                              "OpenAssociations": node.open_associations()},
                 "ConfigurationFile": str(node.config_path) if node.config_path else None}
 
     @app.get("/statistics")

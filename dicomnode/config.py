@@ -48,8 +48,8 @@ class NodeSection(_Strict):
     port: int = Field(11112, ge=1, le=65535)
     storage: Path = Path("./var")
     max_pdu: int = Field(0, ge=0, description="0: unlimited")
-    receivers: int = Field(1, ge=1, le=64, description="listener processes sharing the port (one per core spreads "
-                           "simultaneous associations over the cores)")
+    receivers: int = Field(1, ge=1, le=64, description="processes receiving on the port (one per core spreads "
+                           "simultaneous associations over the cores, evenly by open associations)")
     tls: TlsSection | None = None
 
     _check_ae = field_validator("ae_title")(_ae)

@@ -100,10 +100,16 @@ class Node:
         if self.cfg.api.enabled:
             self.api = ApiServer(self, load_tokens(self.cfg.api)).start()
         extra = self.cfg.node.receivers - 1
-        self.scp.start(shared_port=extra > 0)
+        server = self.scp.start()
         if extra:
             self.receivers = Receivers(self.cfg, self._received, self.metrics).start(extra)
+            server.handoff = self.receivers.handoff
         return self
+
+    def open_associations(self) -> list[int]:
+        """Open DICOM associations of the main process, then of each running receiver process."""
+        local = self.scp.server.open if self.scp.server is not None else 0
+        return [local, *(self.receivers.open_associations() if self.receivers else [])]
 
     def _housekeep(self) -> None:
         r = self.cfg.retention

@@ -163,10 +163,33 @@ def make_event_driven(assoc: Association) -> None:
     dimse.msg_queue = NotifyingQueue(arrived.set)
     if isinstance(dul.socket, AssociationSocket):
         dul.socket.__class__ = ChunkedSocket
+    machine = dul.state_machine
+    move = machine.transition
+
+    def transition(state: str) -> None:
+        if machine.current_state == "Sta2" and state == "Sta1":
+            # Closed or timed out before an association request (a port probe): the association would
+            # wait its ACSE timeout (30 s) for a request; an empty primitive ends it now.
+            dul.to_user_queue.put(None)
+        move(state)
+
+    machine.transition = transition  # type: ignore[method-assign]
 
 
 class EventDrivenRequestHandler(RequestHandler):
+    """Also tells the listener when the association's thread ends, however it ends (release,
+    abort, rejection, timeout): the listener counts open associations to spread new ones."""
+
     def _create_association(self) -> Association:
         assoc = super()._create_association()
         make_event_driven(assoc)
+        run, server = assoc.run, self.server
+
+        def run_then_report() -> None:
+            try:
+                run()
+            finally:
+                server.association_ended()  # type: ignore[attr-defined]
+
+        assoc.run = run_then_report  # type: ignore[method-assign]
         return assoc

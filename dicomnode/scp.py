@@ -10,6 +10,7 @@ import copy
 import logging
 import socket
 import socketserver
+import ssl
 import struct
 import threading
 import time
@@ -114,25 +115,86 @@ class SharedUIDContexts(list):
 
 
 class Listener(ThreadedAssociationServer):
-    """pynetdicom's threaded server, made by `AE.make_server` rather than `start_server` so that
-    the port can be shared; the AE does not list it, so shutting down leaves the AE's list alone.
-    Its associations wait on events rather than polling (`dicomnode.reactor`)."""
+    """pynetdicom's threaded server, made by `AE.make_server` rather than `start_server`; the AE
+    does not list it, so shutting down leaves the AE's list alone. Its associations wait on events
+    rather than polling (`dicomnode.reactor`).
+
+    It counts its open associations (`open`), and may pass a new connection to another process
+    (`handoff`, set by the node when it has receiver processes) before anything is read from it;
+    the TLS handshake happens in the connection's own thread, in the process that keeps it.
+    `on_closed` is called whenever an association it kept has ended."""
+
+    handoff: Callable[[socket.socket, int], bool] | None = None
+    on_closed: Callable[[], None] | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=EventDrivenRequestHandler, **kwargs)
+        self.open = 0
+        self._open_lock = threading.Lock()
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        return self.socket.accept()  # not wrapped for TLS yet: the connection may go to another process
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if self.handoff is not None and self.handoff(request, self.open):
+            request.close()  # the receiver has its own descriptor; no shutdown, that would end the connection
+            return
+        with self._open_lock:
+            self.open += 1
+        super().process_request(request, client_address)
+
+    def take(self, sock: socket.socket) -> None:
+        """Serve a connection another process accepted and passed over."""
+        try:
+            address = sock.getpeername()
+        except OSError:  # the peer has gone already
+            sock.close()
+            return
+        self.process_request(sock, address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """The connection's thread: TLS handshake, then the association (which runs in a thread of its own)."""
+        host, port = client_address[:2]
+        if self.ssl_context:
+            try:
+                request = self.ssl_context.wrap_socket(request, server_side=True)
+            except (OSError, ValueError) as e:  # closed before a byte (a port probe): not worth a warning
+                log.log(logging.DEBUG if isinstance(e, ssl.SSLEOFError) else logging.WARNING,
+                        "DICOM TLS handshake with %s:%s failed, connection closed: %s", host, port, e)
+                request.close()
+                self.association_ended()
+                return
+        try:
+            self.finish_request(request, client_address)
+        except Exception as e:
+            log.warning("connection from %s:%s closed before an association could start: %s", host, port, e)
+            request.close()
+            self.association_ended()
+
+    def association_ended(self) -> None:
+        with self._open_lock:
+            self.open -= 1
+        if self.on_closed is not None:
+            self.on_closed()
 
     def shutdown(self) -> None:
         socketserver.BaseServer.shutdown(self)
         self.server_close()
 
 
-class SharedPortListener(Listener):
-    """SO_REUSEPORT set before binding, so that receiver processes share the port (pynetdicom's
-    own `server_bind` ignores socketserver's `allow_reuse_port`)."""
+class HandedListener(Listener):
+    """A receiver process's listener: it binds nothing and takes only connections that the node's
+    main process accepted and passed over (`take`), so that the main process can spread them
+    evenly (SO_REUSEPORT spreads by a hash of the addresses: 3/5 or 2/6 of eight associations)."""
 
     def server_bind(self) -> None:
-        self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        super().server_bind()
+        pass
+
+    def server_activate(self) -> None:
+        pass
+
+    def shutdown(self) -> None:  # serve_forever never ran: BaseServer.shutdown would wait for it
+        self.server_close()
 
 
 class StoreSCP:
@@ -140,7 +202,7 @@ class StoreSCP:
                  metrics: Metrics | None = None):
         self.cfg, self.storage, self.audit, self.on_stored = cfg, storage, audit, on_stored
         self.metrics = metrics or Metrics()
-        self.server: ThreadedAssociationServer | None = None
+        self.server: Listener | None = None
 
     def _ae(self) -> AE:
         ae = AE(ae_title=self.cfg.node.ae_title)
@@ -153,8 +215,9 @@ class StoreSCP:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         return ae
 
-    def start(self, shared_port: bool = False) -> ThreadedAssociationServer:
-        """Listen; with `shared_port`, other processes may listen on the same port (receivers)."""
+    def start(self, listen: bool = True) -> Listener:
+        """Listen on the node's port; or (`listen=False`, a receiver process) wait for connections
+        that the main process passes over (`Listener.take`)."""
         handlers = [(evt.EVT_CONN_OPEN, set_nodelay), (evt.EVT_C_ECHO, lambda e: SUCCESS),
                     (evt.EVT_C_STORE, self.handle_store), (evt.EVT_REJECTED, self._rejected)]
         addr = (self.cfg.node.host, self.cfg.node.port)
@@ -166,9 +229,10 @@ class StoreSCP:
         ae = self._ae()
         self.server = ae.make_server(addr, contexts=SharedUIDContexts(ae.supported_contexts), evt_handlers=handlers,
                                      ssl_context=dicom_server_context(tls) if tls else None,
-                                     server_class=SharedPortListener if shared_port else Listener)
-        threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
-        log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
+                                     server_class=Listener if listen else HandedListener)
+        if listen:
+            threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
+            log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
         return self.server
 
     def stop(self) -> None:

@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import threading
@@ -400,7 +401,8 @@ def test_c_store_response_encoded_as_pynetdicom_does(status: int, instance_uid: 
 
 def test_idle_associations_wait_instead_of_polling() -> None:
     """pynetdicom's two threads per association poll every millisecond; the listener's wait on
-    their socket and queues (`dicomnode.reactor`) and still echo, release and abort as before."""
+    their socket and queues (`dicomnode.reactor`) and still echo, release and abort as before.
+    A connection closed before any association request ends at once, not after the ACSE timeout."""
     from collections import Counter
 
     from pynetdicom.sop_class import Verification
@@ -431,6 +433,10 @@ def test_idle_associations_wait_instead_of_polling() -> None:
         aborted = scu.associate("127.0.0.1", port)
         aborted.abort()
         wait_for(lambda: not server.active_associations, 5)
+        probe = socket.create_connection(("127.0.0.1", port))  # a port probe: connects, sends nothing, closes
+        wait_for(lambda: server.open == 1, 5)
+        probe.close()
+        wait_for(lambda: server.open == 0 and not server.active_associations, 3, what="the probe's association ended")
     finally:
         server.shutdown()
 
@@ -447,8 +453,58 @@ def receiver_pids(node: NodeProcess) -> list[int]:
     return pids
 
 
-def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path) -> None:
-    """`node.receivers: 2`: a second listener process on the same port. Sixteen senders at once:
+def connections_held(pid: int, port: int) -> int:
+    """Established TCP connections to local `port` whose socket process `pid` holds (the kernel's
+    own account: /proc/net/tcp and the process's file descriptors)."""
+    established = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].split(":")[1], 16) == port and fields[3] == "01":
+            established.add(fields[9])
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        held += target.startswith("socket:[") and target[8:-1] in established
+    return held
+
+
+def test_associations_are_spread_evenly_over_receiver_processes(tmp_path: Path) -> None:
+    """With `node.receivers: 2` the node accepts and passes each new connection to the process with
+    fewer open associations: eight held open are four and four, by the kernel's account and in
+    /system; each one works; once released, the counts are back to zero."""
+    from pynetdicom.sop_class import Verification
+
+    node = NodeProcess(tmp_path / "node", {"node": {"receivers": 2}}).start()
+    scu = AE("STORESCU")
+    scu.add_requested_context(Verification)
+    assocs = []
+    try:
+        [receiver] = wait_for(lambda: receiver_pids(node), 30, what="a receiver process")
+        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
+        for _ in range(8):
+            assocs.append(scu.associate("127.0.0.1", node.port, ae_title="DICOMNODE"))
+            assert assocs[-1].is_established
+        held = [connections_held(node.proc.pid, node.port), connections_held(receiver, node.port)]
+        system = json.loads(urllib.request.urlopen(node.api_url + "/system", timeout=10).read())
+        assert (held, system["Receivers"]["OpenAssociations"]) == ([4, 4], [4, 4])
+        assert all(a.send_c_echo().Status == 0 for a in assocs)
+        for a in assocs:
+            a.release()
+
+        def open_now() -> list[int]:
+            return json.loads(urllib.request.urlopen(node.api_url + "/system", timeout=10).read())["Receivers"]["OpenAssociations"]
+        wait_for(lambda: open_now() == [0, 0], 10, what="the associations counted as ended")
+    finally:
+        for a in assocs:
+            a.abort()
+        node.stop()
+
+
+def test_receiver_processes_take_associations_and_report_to_the_node(tmp_path: Path) -> None:
+    """`node.receivers: 2`: a second process serves associations the node accepts. Sixteen senders at once:
     every instance stored once, every series routed once, the audit and /metrics count every
     instance, and the receiver did its share. Killed, it is started again; it ends with the node,
     even when the node is killed."""
@@ -456,7 +512,7 @@ def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path
                                            "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}).start()
     try:
         [receiver] = wait_for(lambda: receiver_pids(node), 30, what="a receiver process")
-        wait_for(lambda: b"dicomnode.scp[" in node.log.read_bytes(), 30, what="the receiver listening")
+        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
         template = next(phantom_series(tmp_path).glob("*.dcm"))
         folders = [tmp_path / f"s{i}" for i in range(16)]
         for f in folders:
@@ -475,7 +531,7 @@ def test_receiver_processes_share_the_port_and_report_to_the_node(tmp_path: Path
         metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
         assert 'dicomnode_c_store_total{status="success"} 400' in metrics
         system = json.loads(urllib.request.urlopen(node.api_url + "/system", timeout=10).read())
-        assert system["Receivers"] == {"Configured": 2, "Running": 2}
+        assert system["Receivers"] == {"Configured": 2, "Running": 2, "OpenAssociations": [0, 0]}
 
         os.kill(receiver, signal.SIGKILL)
         [again] = wait_for(lambda: [p for p in receiver_pids(node) if p != receiver], 30, what="the receiver restarted")

@@ -39,13 +39,21 @@ def storescu_tls(port: int, series: Path, *tls: str) -> subprocess.CompletedProc
                           capture_output=True, text=True, timeout=120)
 
 
-def test_dicom_tls_with_dcmtk_storescu(tmp_path: Path, certs: Path) -> None:
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_dicom_tls_with_dcmtk_storescu(tmp_path: Path, certs: Path, receivers: int) -> None:
+    """With two receivers the node passes each connection over before the handshake, which the
+    receiver process does."""
     tls = {"certfile": str(certs / "server.pem"), "keyfile": str(certs / "server.key"), "ca_file": str(certs / "ca.pem")}
-    node = NodeProcess(tmp_path, {"node": {"tls": tls}}).start()
+    node = NodeProcess(tmp_path, {"node": {"tls": tls, "receivers": receivers}}).start()
     try:
+        if receivers > 1:
+            wait_for(lambda: "receiving associations that the node" in node.log_text(), 30, what="the receiver ready")
         series = phantom_series(tmp_path, seed=50)
         plain = storescu_tls(node.port, series)
         assert plain.returncode != 0 and indexed(node) == set()
+        [failed] = wait_for(lambda: [x for x in node.log_text().splitlines() if "DICOM TLS handshake with 127.0.0.1" in x], 10,
+                            what="the failed handshake logged")
+        assert ("dicomnode.scp[" in failed) == (receivers > 1)  # logged by the receiver process, which did the handshake
         no_client_cert = storescu_tls(node.port, series, "+tla", "+cf", str(certs / "ca.pem"))
         assert no_client_cert.returncode != 0 and indexed(node) == set()
         ok = storescu_tls(node.port, series, "+tls", str(certs / "client.key"), str(certs / "client.pem"),
