@@ -7,6 +7,7 @@ before Success) and the assembler is told; routing and pipelines run elsewhere.
 from __future__ import annotations
 
 import copy
+import ctypes
 import logging
 import socket
 import socketserver
@@ -42,6 +43,24 @@ log = logging.getLogger("dicomnode.scp")
 
 SUCCESS, OUT_OF_RESOURCES, SOP_MISMATCH, CANNOT_UNDERSTAND, INVALID_UID = 0x0000, 0xA700, 0xA900, 0xC210, 0xC211
 _SKIP_VR = {"OB", "OW", "OF", "OD", "OL", "OV", "UN", "SQ"}
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
+
+
+def keep_large_buffers(mmap_threshold: int = 16 << 20, trim_threshold: int = 64 << 20) -> bool:
+    """Let glibc reuse freed blocks of up to `mmap_threshold` bytes instead of unmapping them.
+
+    Each instance passes through several buffers of its own size (PDU, dataset, file bytes). glibc
+    may give blocks above 128 KiB a mapping of their own and unmap it when freed, so that every
+    instance faults in fresh pages: in a receiver process ~66 minor faults and about a sixth of its
+    CPU per 512 KiB instance (docs/BENCHMARKS.md). Freed memory beyond `trim_threshold` still goes
+    back to the system. Process-wide; False where the C library has no `mallopt` (musl)."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except AttributeError:
+        return False
+    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
 
 
 def routing_attributes(ds: Dataset) -> dict[str, Any]:
@@ -226,6 +245,7 @@ class StoreSCP:
         # that logger is at WARNING (and keep the reactor from answering C-STORE itself); the node logs its own
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             _config.LOG_HANDLER_LEVEL = "none"
+        keep_large_buffers()
         ae = self._ae()
         self.server = ae.make_server(addr, contexts=SharedUIDContexts(ae.supported_contexts), evt_handlers=handlers,
                                      ssl_context=dicom_server_context(tls) if tls else None,
