@@ -557,6 +557,10 @@ def test_receiver_processes_take_associations_and_report_to_the_node(tmp_path: P
         assert system["Receivers"] == {"Configured": 2, "Running": 2, "OpenAssociations": [0, 0]}
 
         os.kill(receiver, signal.SIGKILL)
+        wait_for(lambda: b"exited with code" in node.log.read_bytes(), 10, what="the node noticing")
+        # Until it is back, the main process keeps every association itself.
+        echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+        assert echo.returncode == 0, echo.stderr
         [again] = wait_for(lambda: [p for p in receiver_pids(node) if p != receiver], 30, what="the receiver restarted")
         assert b"starting it again" in node.log.read_bytes()
         metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
