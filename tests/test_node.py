@@ -23,8 +23,17 @@ from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import encode
 from pynetdicom.sop_class import MRImageStorage
 
-from tests.node_helpers import (NodeProcess, Orthanc, bulk_instances, cpu_seconds, dicomnode_cmd, dicomnode_env, free_port,
-                                phantom_series, wait_for)
+from tests.node_helpers import (
+    NodeProcess,
+    Orthanc,
+    bulk_instances,
+    cpu_seconds,
+    dicomnode_cmd,
+    dicomnode_env,
+    free_port,
+    phantom_series,
+    wait_for,
+)
 
 
 def jobs(node: NodeProcess) -> list[dict]:
