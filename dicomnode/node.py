@@ -321,6 +321,8 @@ class Node:
             "dicomnode_jobs": ("jobs by state", [({"state": s}, n) for s, n in self.jobs.counts().items()]),
             "dicomnode_stored_instances": ("instances in storage", [({}, c["instances"])]),
             "dicomnode_stored_bytes": ("bytes of instances in storage", [({}, c["bytes"])]),
+            "dicomnode_associations_open": ("open DICOM associations by receiving process (0: the main process)",
+                                            [({"process": str(i)}, n) for i, n in enumerate(self.open_associations())]),
         }
         return self.metrics.render(gauges, {"dicomnode_c_store_total": "C-STORE requests by DIMSE status",
                                             "dicomnode_c_store_seconds": "time in the C-STORE handler (decode, write, fsync, index)",

@@ -522,6 +522,8 @@ def test_associations_are_spread_evenly_over_receiver_processes(tmp_path: Path) 
         held = [connections_held(node.proc.pid, node.port), connections_held(receiver, node.port)]
         system = json.loads(urllib.request.urlopen(node.api_url + "/system", timeout=10).read())
         assert (held, system["Receivers"]["OpenAssociations"]) == ([4, 4], [4, 4])
+        metrics = urllib.request.urlopen(node.api_url + "/metrics", timeout=10).read().decode()
+        assert 'dicomnode_associations_open{process="0"} 4' in metrics and 'dicomnode_associations_open{process="1"} 4' in metrics
         assert all(a.send_c_echo().Status == 0 for a in assocs)
         for a in assocs:
             a.release()
