@@ -134,8 +134,12 @@ def test_bad_input_gets_a_status_and_loses_nothing_else(node: NodeProcess, tmp_p
         assert words in text, words
 
 
-def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path) -> None:
-    node = NodeProcess(tmp_path, {}).start()
+@pytest.mark.parametrize("receivers", [1, 2])
+def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, receivers: int) -> None:
+    """With two receivers the association goes to the receiver process, which ends with the node."""
+    node = NodeProcess(tmp_path, {"node": {"receivers": receivers}}).start()
+    if receivers > 1:
+        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
     files = bulk_instances(next(phantom_series(tmp_path).glob("*.dcm")), tmp_path / "bulk", 500)
     acknowledged: list[str] = []
 
