@@ -116,6 +116,10 @@ class NodeProcess:
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
 
+    def wait_receivers_ready(self) -> None:
+        """Until a receiver process (`node.receivers` > 1) takes the connections the node passes over."""
+        wait_for(lambda: "receiving associations that the node" in self.log_text(), 30, what="the receiver ready")
+
 
 class Orthanc:
     """A real Orthanc (Debian package) on loopback ports, with its own storage."""

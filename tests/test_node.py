@@ -139,7 +139,7 @@ def test_sigkill_mid_transfer_loses_no_acknowledged_instance(tmp_path: Path, rec
     """With two receivers the association goes to the receiver process, which ends with the node."""
     node = NodeProcess(tmp_path, {"node": {"receivers": receivers}}).start()
     if receivers > 1:
-        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
+        node.wait_receivers_ready()
     files = bulk_instances(next(phantom_series(tmp_path).glob("*.dcm")), tmp_path / "bulk", 500)
     acknowledged: list[str] = []
 
@@ -519,7 +519,7 @@ def test_associations_are_spread_evenly_over_receiver_processes(tmp_path: Path) 
     assocs = []
     try:
         [receiver] = wait_for(lambda: receiver_pids(node), 30, what="a receiver process")
-        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
+        node.wait_receivers_ready()
         for _ in range(8):
             assocs.append(scu.associate("127.0.0.1", node.port, ae_title="DICOMNODE"))
             assert assocs[-1].is_established
@@ -550,7 +550,7 @@ def test_receiver_processes_take_associations_and_report_to_the_node(tmp_path: P
                                            "rules": [{"name": "all", "match": {}, "pipelines": ["derive"]}]}).start()
     try:
         [receiver] = wait_for(lambda: receiver_pids(node), 30, what="a receiver process")
-        wait_for(lambda: b"receiving associations that the node" in node.log.read_bytes(), 30, what="the receiver ready")
+        node.wait_receivers_ready()
         template = next(phantom_series(tmp_path).glob("*.dcm"))
         folders = [tmp_path / f"s{i}" for i in range(16)]
         for f in folders:

@@ -47,7 +47,7 @@ def test_dicom_tls_with_dcmtk_storescu(tmp_path: Path, certs: Path, receivers: i
     node = NodeProcess(tmp_path, {"node": {"tls": tls, "receivers": receivers}}).start()
     try:
         if receivers > 1:
-            wait_for(lambda: "receiving associations that the node" in node.log_text(), 30, what="the receiver ready")
+            node.wait_receivers_ready()
         series = phantom_series(tmp_path, seed=50)
         plain = storescu_tls(node.port, series)
         assert plain.returncode != 0 and indexed(node) == set()
