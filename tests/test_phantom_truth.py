@@ -220,3 +220,49 @@ def test_half_the_studies_keep_a_rudimentary_s1_s2_disc_inside_the_sacrum() -> N
     spacing = mid.pixel_spacing[0]
     # below S1 (rows grow downwards in a sagittal image) and within a few mm of its lower end
     assert rows.min() > s1_rows.min() and (rows.min() - s1_rows.max()) * spacing < 6
+
+
+@pytest.mark.parametrize("depth, s1_in_view", [(-25.0, False), (20.0, True)])
+def test_field_of_view_can_end_inside_s1_as_in_real_series(depth: float, s1_in_view: bool) -> None:
+    """Most real sagittal series end inside S1; with `fov_end_mm` the phantom's does too, and only
+    the position of the slices changes (same matrix, spacing, orientation, slices)."""
+    seed = 3
+    d = design_study(seed)
+    whole = acquisitions(d, PhantomOptions(contrasts=("T2",)))[0]
+    cut = acquisitions(d, PhantomOptions(contrasts=("T2",), fov_end_mm=(depth, depth)))[0]
+    assert cut.parameters == whole.parameters and len(cut.planes) == len(whole.planes)
+    for a, b in zip(whole.planes, cut.planes):
+        assert np.allclose(a.row_cosine, b.row_cosine) and np.allclose(a.col_cosine, b.col_cosine)
+        assert abs((b.position - a.position) @ a.row_cosine) < 1e-6  # moved along the columns only
+    mid = cut.planes[len(cut.planes) // 2]
+    labels, _ = paint_plane(d.shapes, mid)
+    rows_of = {n: np.nonzero((labels == LABEL_VALUES[n]).any(axis=1))[0] for n in ("L5", "S1")}
+    assert len(rows_of["L5"]) and bool(len(rows_of["S1"])) == s1_in_view
+    if s1_in_view:  # a sliver cut by the lower edge, L5 whole above it
+        assert rows_of["S1"].max() == labels.shape[0] - 1 and rows_of["L5"].max() < labels.shape[0] - 1
+        assert len(rows_of["S1"]) * mid.pixel_spacing[0] < 35
+    whole_labels, _ = paint_plane(d.shapes, whole.planes[len(whole.planes) // 2])
+    whole_s1 = np.nonzero((whole_labels == LABEL_VALUES["S1"]).any(axis=1))[0]
+    assert whole_s1.max() < whole_labels.shape[0] - 1  # by default the whole of S1 is in view
+
+
+def test_training_slices_can_end_inside_s1() -> None:
+    """The trainer's cut of a phantom slice: below a row drawn from FOV_END_MM of S1's top, the
+    image is what lies outside an image (0) and the loss ignores it; above, nothing changes."""
+    from training.datasets.spine_seg import FOV_END_MM, IGNORE, end_field_of_view
+
+    target = np.zeros((120, 40), dtype=np.uint8)
+    target[20:50, 10:30], target[50:60, 10:30], target[60:90, 10:30] = 1, 3, 2  # L5, L5/S1 disc, S1
+    image = np.random.default_rng(0).uniform(0.1, 1, target.shape).astype(np.float32)
+    rng = np.random.default_rng(1)
+    edges = []
+    for _ in range(200):
+        im, t = end_field_of_view(image, target, rng)
+        edge = int(np.argmax((t == IGNORE).all(axis=1)))
+        assert (im[edge:] == 0).all() and (t[edge:] == IGNORE).all()
+        assert (im[:edge] == image[:edge]).all() and (t[:edge] == target[:edge]).all()
+        edges.append(edge - 60)
+    assert min(edges) == FOV_END_MM[0] and max(edges) == FOV_END_MM[1]
+    no_s1 = np.where(target == 2, 0, target).astype(np.uint8)
+    im, t = end_field_of_view(image, no_s1, rng)
+    assert im is image and t is no_s1

@@ -110,6 +110,25 @@ def _between_neighbours(labels: np.ndarray) -> np.ndarray:
     return out
 
 
+FOV_END_MM = (-5, 35)  # where a cut field of view ends, from the top of S1 (see end_field_of_view)
+
+
+def end_field_of_view(image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A phantom slice whose field of view ends inside S1, as real sagittal series do: the phantom
+    always shows the whole sacrum, while in the real VB3 cases the lowest row of L5 lies 6-45 mm
+    (median 22) above the image's lower edge, so S1 is a sliver or missing. Rows below a level
+    drawn from FOV_END_MM become what lies outside an image in training: 0, IGNORE. Slices
+    without S1 are returned unchanged. Rows run inferior, on the 1 mm grid."""
+    rows = np.nonzero((target == 2).any(axis=1))[0]  # CLASSES.index("S1")
+    if not len(rows):
+        return image, target
+    edge = max(int(rows.min()) + int(rng.integers(FOV_END_MM[0], FOV_END_MM[1] + 1)), 1)
+    image, target = image.copy(), target.copy()
+    image[..., edge:, :] = 0
+    target[edge:] = IGNORE
+    return image, target
+
+
 def normalise(volume: np.ndarray) -> np.ndarray:
     """Per-volume intensity scaling to [0, 1] between the 0.5th and 99.5th percentiles (scanners and
     collectors scale intensities arbitrarily)."""

@@ -98,7 +98,11 @@ def _mean(results: list[StudyResult], key: str, attr: str = "dice") -> float:
     return float(np.nanmean(vals)) if vals else float("nan")
 
 
-def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0) -> dict:
+def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0,
+             fov_end_mm: tuple[float, float] | None = None) -> dict:
+    """Phantom and real held-out figures and the report; with `fov_end_mm`, the phantoms' field of
+    view ends inside S1 (naming where S1 is a sliver or out of view), and the model folder's own
+    metrics are left as they are."""
     from training.datasets.real_lumbar import case_to_dicom, load_cases, split
     from training.phantom.generator import PhantomOptions, generate_study
 
@@ -114,7 +118,8 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0
         for i, seed in enumerate(tqdm(phantom_seeds, desc="phantom held out", unit="study")):
             folder = Path(tmp) / f"phantom-{seed}"
             contrast = ("T2", "T1", "STIR")[i % 3]
-            generate_study(folder, seed, PhantomOptions(contrasts=(contrast,), max_matrix=512), write_tissue=False)
+            generate_study(folder, seed, PhantomOptions(contrasts=(contrast,), max_matrix=512, fov_end_mm=fov_end_mm),
+                           write_tissue=False)
             r = evaluate_study(folder, model, BODIES + DISCS + ["canal"])
             truth = json.loads((folder / "truth" / "truth.json").read_text())
             r.reference_angles = truth["lordosis_deg"]
@@ -129,8 +134,9 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0
             folder = Path(tmp) / cid
             case_to_dicom(cases[cid], folder)
             real.append(evaluate_study(folder, model, BODIES + DISCS))
-    metrics = report(model, phantom, real, out, phantom_seeds, held)
-    record_metrics(model_dir, metrics, phantom_seeds, held)
+    metrics = report(model, phantom, real, out, phantom_seeds, held, fov_end_mm)
+    if fov_end_mm is None:
+        record_metrics(model_dir, metrics, phantom_seeds, held)
     return metrics
 
 
@@ -143,7 +149,7 @@ def record_metrics(model_dir: Path, metrics: dict, seeds: list[int], held: list[
 
 
 def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
-           held: list[str]) -> dict:
+           held: list[str], fov_end_mm: tuple[float, float] | None = None) -> dict:
     structures = BODIES + DISCS + ["canal"]
     ph_dice = {s: _mean(phantom, s) for s in structures}
     ph_iou = {s: _mean(phantom, s, "iou") for s in structures}
@@ -176,6 +182,8 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     m = confusion([t for t, _ in cls], cls_pred, CLASSES, out / "phantom_lordosis_confusion.png",
                   "Phantom lordosis class (L1-S1; unmeasured counted as normal)")
     metrics["phantom"]["lordosis_class_accuracy"] = float(np.trace(m) / m.sum())
+    if fov_end_mm:
+        metrics["phantom"]["fov_end_mm_below_s1_top"] = list(fov_end_mm)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _markdown(model, metrics, phantom, real, out, seeds, held)
     return metrics
@@ -197,12 +205,14 @@ def _ensemble_line(d: dict) -> list[str]:
 def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
               held: list[str]) -> None:
     d = model.description
+    fov = m["phantom"].get("fov_end_mm_below_s1_top")
+    cut = f", field of view ending {fov[0]:g} to {fov[1]:g} mm below the top of S1" if fov else ""
     lines = [f"# spine-seg {d['version']}: evaluation on data it did not train on", "",
              f"Model: commit `{d['commit'][:10]}`, trained on {d['training']['phantom_slices']} phantom slices "
              f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
              f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
              *_ensemble_line(d),
-             f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn). "
+             f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn{cut}). "
              f"Real held out: {len(held)} cases ({', '.join(held)}).", "",
              "| structure | phantom Dice | phantom IoU | real Dice | real IoU |", "|---|---|---|---|---|"]
     for s in BODIES + DISCS + ["canal"]:

@@ -63,6 +63,9 @@ def sample_sagittal(rng: np.random.Generator, d: StudyDesign, contrast: str, num
     matrix = _matrix(rng, fov, options.max_matrix)
     n, thick, gap = int(rng.integers(9, 20)), rng.uniform(3, 5), rng.uniform(0, 1)
     rot = rotation(rng.uniform(-12, 12), rng.uniform(-5, 5), rng.uniform(-5, 5))
+    if options.fov_end_mm is not None:
+        depth = np.random.default_rng([d.seed, 3, number]).uniform(*options.fov_end_mm)  # other draws unchanged
+        centre = _ending_below_s1_top(d, centre, rot, fov, depth)
     planes = stack(centre, rot, matrix, matrix, fov / matrix, n, thick + gap, thick)
     c = _contrast(rng, contrast, field_t)
     deg = _degradation(rng)
@@ -72,6 +75,14 @@ def sample_sagittal(rng: np.random.Generator, d: StudyDesign, contrast: str, num
     params = {"plane": "sagittal", "matrix": matrix, "fov_mm": fov, "pixel_spacing_mm": fov / matrix, "slices": n,
               "slice_thickness_mm": thick, "gap_mm": gap, "rotation_deg": rot_angles(rot)}
     return Acquisition(planes, series, c, deg, params)
+
+
+def _ending_below_s1_top(d: StudyDesign, centre: np.ndarray, rot: np.ndarray, fov: float, depth: float) -> np.ndarray:
+    """The stack centre moved along the image columns so that the lower edge of the image lies
+    `depth` mm below the top of S1 (measured along the columns)."""
+    down = rot @ np.array([0.0, 0.0, -1.0])  # direction of increasing row index, as `stack` builds it
+    s1_top = np.array([centre[0], *d.chain["S1"].top])
+    return centre + ((s1_top - (centre + down * fov / 2)) @ down + depth) * down
 
 
 def rot_angles(rot: np.ndarray) -> list[float]:

@@ -42,6 +42,9 @@ class PhantomOptions:
     study_class: str | None = None  # None: drawn uniformly from the four classes
     lordosis_deg: float | None = None
     max_matrix: int = 640  # smaller values speed up tests and training data
+    # sagittal field of view ending this far below the top of S1 (mm, drawn in the range), as most
+    # real lumbar series do; None: the whole sacrum is in view
+    fov_end_mm: tuple[float, float] | None = None
 
 
 @dataclass

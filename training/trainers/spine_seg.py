@@ -37,6 +37,7 @@ class SpineSegConfig:
     context: int = 0  # neighbouring slices on either side as extra input channels: 0 is 2-D, 1 is 2.5-D
     beyond_ends: bool = False  # real cases: below L5 is no lumbar body, above the L1/L2 disc no disc
     run_rows: bool = True  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
+    fov_end: float = 0.0  # share of phantom slices whose field of view ends inside S1, as real series do
     seed: int = 0
     workers: int = 2
 
@@ -69,8 +70,14 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
     return phantom, real
 
 
-def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int) -> tuple[np.ndarray, np.ndarray]:
-    pairs = [augment(pool.images[i], pool.targets[i], rng, crop, data.IGNORE) for i in rng.integers(len(pool.images), size=n)]
+def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
+           fov_end: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+    pairs = []
+    for i in rng.integers(len(pool.images), size=n):
+        image, target = pool.images[i], pool.targets[i]
+        if fov_end and rng.random() < fov_end:
+            image, target = data.end_field_of_view(image, target, rng)
+        pairs.append(augment(image, target, rng, crop, data.IGNORE))
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -98,7 +105,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     net.train()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="spine-seg", unit="it")
     for it in bar:
-        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop)
+        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end)
         if n_real:
             xr, yr = _batch(real, n_real, rng, cfg.crop)
             xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
