@@ -2,8 +2,9 @@
 
 512x512 16-bit MR instances are sent by DCMTK storescu: one association, and eight at once.
 Also: each receiver's CPU time per instance (on a machine with few cores the rate with eight
-associations is bounded by it), peak memory of `serve` while receiving, and the delay from the
-last instance of a series to its job start beyond the quiet period.
+associations is bounded by it), associations per second (echoscu one after another), peak memory
+of `serve` while receiving, and the delay from the last instance of a series to its job start
+beyond the quiet period.
 Run: `.venv/bin/python bench/bench_receive.py [--n 400]`.
 """
 
@@ -48,6 +49,15 @@ def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
     return time.perf_counter() - t0
 
 
+def associations_per_second(port: int, aec: str, n: int = 50) -> float:
+    """DCMTK echoscu `n` times, one association after another: what a sender that opens an
+    association per instance meets (the client's own start-up included, the same for every receiver)."""
+    t0 = time.perf_counter()
+    for _ in range(n):
+        subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port)], check=True)
+    return n / (time.perf_counter() - t0)
+
+
 OURS = "dicomnode serve (fsync + SQLite index)"
 OURS_2 = "dicomnode serve, 2 receiver processes (`node.receivers: 2`)"
 
@@ -82,12 +92,15 @@ def main() -> None:
     rates: dict[str, dict[int, float]] = {}
     cpu: dict[str, dict[int, float]] = {}
     peaks: dict[int, float] = {}
+    echoes: dict[str, float] = {}
     for parallel in (1, 8):
         for name, receivers in ((OURS, 1), (OURS_2, 2)):
             node = NodeProcess(tmp / f"node{parallel}-{receivers}", {"node": {"receivers": receivers}}).start()
             time.sleep(2 if receivers > 1 else 0)  # the receiver processes start
             rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(
                 node.proc.pid, node.port, "DICOMNODE", files, parallel)
+            if parallel == 1:
+                echoes[name] = associations_per_second(node.port, "DICOMNODE")
             rss = sum(map(peak_rss_mb, process_tree(node.proc.pid)))
             peaks[receivers] = max(peaks.get(receivers, 0.0), rss)
             node.stop()
@@ -99,12 +112,16 @@ def main() -> None:
         wait_port(port)
         name = "DCMTK storescp (no fsync, no index)"
         rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(scp.pid, port, "STORESCP", files, parallel)
+        if parallel == 1:
+            echoes[name] = associations_per_second(port, "STORESCP")
         scp.terminate()
         scp.wait()
         orthanc = Orthanc(tmp / f"orthanc{parallel}", {}).start()
         name = "Orthanc (Debian package, SQLite)"
         rates.setdefault(name, {})[parallel], cpu.setdefault(name, {})[parallel] = measure(
             orthanc.proc.pid, orthanc.dicom_port, "ORTHANC", files, parallel)
+        if parallel == 1:
+            echoes[name] = associations_per_second(orthanc.dicom_port, "ORTHANC")
         orthanc.stop()
 
     # Delay from the last instance to the job start, beyond the quiet period.
@@ -133,6 +150,8 @@ def main() -> None:
         for ref in ("DCMTK storescp (no fsync, no index)", "Orthanc (Debian package, SQLite)"):
             print(f"\n{name} / {ref}: {rates[name][1] / rates[ref][1]:.2f} (1 association), "
                   f"{rates[name][8] / rates[ref][8]:.2f} (8 at once)")
+    print("\nassociations per second, 50 DCMTK echoscu one after another: " +
+          ", ".join(f"{name} {rate:.1f}" for name, rate in echoes.items()))
     print(f"\npeak RSS of `dicomnode serve` while receiving: {peaks[1]:.0f} MB; with 2 receivers, all its processes "
           f"together: {peaks[2]:.0f} MB")
     print(f"last instance -> job start, beyond the {quiet:.0f} s quiet period: median {1000 * np.median(delays):.0f} ms "

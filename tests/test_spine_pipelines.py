@@ -20,7 +20,7 @@ from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_en
 from training.datasets.spine_seg import phantom_classes
 from training.evaluation.ensemble import weight_grid, write_ensemble
 from training.evaluation.metrics import dice
-from training.evaluation.spine_seg import evaluate
+from training.evaluation.spine_seg import evaluate, recall_by_cut
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 
@@ -235,3 +235,19 @@ def torch_load(path: Path) -> dict:
     import torch
 
     return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_real_recall_is_split_by_how_fully_each_slice_cuts_the_structure() -> None:
+    """The report says where labelled voxels are missed: slices through the middle of the labelled
+    structures, or slices grazing their sides (labelled area over the largest slice's)."""
+    truth = np.zeros((5, 20, 20), np.uint8)
+    truth[1:4, 5:15, 5:15] = LABEL_VALUES["L1"]
+    truth[1, :, 5:8] = truth[3, :, 5:12] = 0  # slice 1: 70 % of slice 2's area, slice 3: 30 %
+    classes = np.zeros_like(truth)
+    classes[2][truth[2] > 0] = 1  # the middle slice found whole, as vertebral body
+    classes[1, 5:10, 8:15] = 2  # half of slice 1 found, as S1 (a body all the same)
+    classes[3, 5:15, 12:15] = 3  # slice 3 marked disc: not found
+    assert recall_by_cut(classes, truth) == {"vertebral body": {
+        "central (>= 0.8)": (100, 100), "0.5-0.8": (35, 70), "lateral (< 0.5)": (0, 30)}}
+    discs = np.where(truth > 0, LABEL_VALUES["L1/L2"], 0).astype(np.uint8)
+    assert recall_by_cut(classes, discs)["disc"]["lateral (< 0.5)"] == (30, 30)

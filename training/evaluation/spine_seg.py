@@ -7,7 +7,8 @@ the node runs (DICOM series in, named labels and angles out).
 - Real: the held-out fold of `../shared/data/real_lumbar` (the shipped model never saw it):
   Dice/IoU per level where the case names its levels (VB3 bodies L1-L5, IVD discs), Dice of each
   labelled structure with its best-matching predicted component whatever its name (VB1 names no
-  levels), level naming per VB3 study, and the L1-L5 angle from our segmentation against the same
+  levels), level naming per VB3 study, recall by how fully each sagittal slice cuts the labelled
+  structures (where voxels are missed), and the L1-L5 angle from our segmentation against the same
   measurement on the manual masks.
 """
 
@@ -41,6 +42,8 @@ class StudyResult:
     angles: dict[str, float] = field(default_factory=dict)
     reference_angles: dict[str, float] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    # real cases: {labelled kind: {slice cut: (voxels found, voxels labelled)}}, see recall_by_cut
+    recall_by_cut: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -67,7 +70,28 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
     if known is not None:  # real cases: each labelled structure against its best-matching predicted component
         r.dice.update(component_dice(pred.classes, truth, series))
+        r.recall_by_cut = recall_by_cut(pred.classes, truth)
     return r
+
+
+CUTS = ("central (>= 0.8)", "0.5-0.8", "lateral (< 0.5)")
+
+
+def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str, tuple[int, int]]]:
+    """Where the labelled voxels are missed: each sagittal slice by its labelled area over the largest
+    slice's (1: through the middle of the structures, small: grazing their sides), as (found, labelled)
+    voxels of the labelled kind (a body found as body or S1, a disc as disc)."""
+    bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= 100)
+    discs = np.isin(truth, [LABEL_VALUES[n] for n in DISCS])
+    kind, labelled, found = ("vertebral body", bodies, np.isin(classes, (1, 2))) if bodies.any() else ("disc", discs, classes == 3)
+    area = labelled.sum(axis=(1, 2))
+    out = dict.fromkeys(CUTS, (0, 0))
+    for k in np.nonzero(area)[0]:
+        share = area[k] / area.max()
+        cut = CUTS[0] if share >= 0.8 else CUTS[1] if share >= 0.5 else CUTS[2]
+        hit, n = out[cut]
+        out[cut] = (hit + int((found[k] & labelled[k]).sum()), n + int(area[k]))
+    return {kind: out}
 
 
 def component_dice(classes: np.ndarray, truth: np.ndarray, series: Series) -> dict[str, float]:
@@ -165,6 +189,11 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     named_real = [r.named_ok for r in real if r.named_ok is not None]
     metrics["real"]["level_naming_accuracy"] = float(np.mean(named_real)) if named_real else None
     metrics["real"]["level_naming_studies"] = len(named_real)
+    for kind in ("vertebral body", "disc"):
+        counts = [r.recall_by_cut[kind] for r in real if kind in r.recall_by_cut]
+        if counts:
+            metrics["real"][f"{kind} recall by slice"] = {
+                cut: sum(c[cut][0] for c in counts) / max(sum(c[cut][1] for c in counts), 1) for cut in CUTS}
     for span in ("L1-S1", "L1-L5"):
         pairs = [(r.angles[span], r.reference_angles[span]) for r in phantom if span in r.angles]
         if len(pairs) > 1:
@@ -223,6 +252,10 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     lines += ["", f"- Level naming (all five lumbar bodies right): phantom {_fmt(m['phantom']['level_naming_accuracy'])}, "
               f"real {_fmt(m['real']['level_naming_accuracy'])} over {m['real']['level_naming_studies']} studies that name L1-L5.",
               f"- Lordosis class accuracy (phantom, L1-S1): {_fmt(m['phantom']['lordosis_class_accuracy'])}."]
+    for kind in ("vertebral body", "disc"):
+        if f"{kind} recall by slice" in m["real"]:
+            shares = ", ".join(f"{cut} {_fmt(v)}" for cut, v in m["real"][f"{kind} recall by slice"].items())
+            lines.append(f"- Real {kind} recall by sagittal slice, by its labelled area over the largest slice's: {shares}.")
     for key, where in (("angle_L1-S1", "phantom"), ("angle_L1-L5", "phantom"), ("angle_L1-L5", "real")):
         a = m[where].get(key)
         if a:
