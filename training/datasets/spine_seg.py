@@ -119,7 +119,7 @@ def end_field_of_view(image: np.ndarray, target: np.ndarray, rng: np.random.Gene
     (median 22) above the image's lower edge, so S1 is a sliver or missing. Rows below a level
     drawn from FOV_END_MM become what lies outside an image in training: 0, IGNORE. Slices
     without S1 are returned unchanged. Rows run inferior, on the 1 mm grid."""
-    rows = np.nonzero((target == 2).any(axis=1))[0]  # CLASSES.index("S1")
+    rows = np.nonzero((target == CLASSES.index("S1")).any(axis=1))[0]
     if not len(rows):
         return image, target
     edge = max(int(rows.min()) + int(rng.integers(FOV_END_MM[0], FOV_END_MM[1] + 1)), 1)
