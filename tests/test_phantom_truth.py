@@ -7,6 +7,7 @@ import pytest
 from scipy import ndimage
 
 from tests.conftest import patient_coords, read_series
+from training.datasets.spine_seg import FOV_END_MM, IGNORE, end_field_of_view
 from training.phantom.acquisition import acquisitions
 from training.phantom.anatomy import LABEL_VALUES, LUMBAR_DISCS
 from training.phantom.generator import PhantomOptions, design_study, generate_study, lordosis_class
@@ -249,8 +250,6 @@ def test_field_of_view_can_end_inside_s1_as_in_real_series(depth: float, s1_in_v
 def test_training_slices_can_end_inside_s1() -> None:
     """The trainer's cut of a phantom slice: below a row drawn from FOV_END_MM of S1's top, the
     image is what lies outside an image (0) and the loss ignores it; above, nothing changes."""
-    from training.datasets.spine_seg import FOV_END_MM, IGNORE, end_field_of_view
-
     target = np.zeros((120, 40), dtype=np.uint8)
     target[20:50, 10:30], target[50:60, 10:30], target[60:90, 10:30] = 1, 3, 2  # L5, L5/S1 disc, S1
     image = np.random.default_rng(0).uniform(0.1, 1, target.shape).astype(np.float32)

@@ -110,7 +110,7 @@ def _between_neighbours(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-FOV_END_MM = (-5, 35)  # where a cut field of view ends, from the top of S1 (see end_field_of_view)
+FOV_END_MM = (-5, 35)  # where a cut field of view ends, from S1's highest row in the slice (see end_field_of_view)
 
 
 def end_field_of_view(image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from pipelines.lordosis import category, measure
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import SPLIT_MM, Model, _components, segment, voxel_mm3
+from training.datasets.real_lumbar import UNNAMED_BASE
 from training.evaluation.metrics import bars, bland_altman, confusion, dice, iou
 from training.phantom.anatomy import LABEL_VALUES
 
@@ -81,7 +82,7 @@ def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str,
     """Where the labelled voxels are missed: each sagittal slice by its labelled area over the largest
     slice's (1: through the middle of the structures, small: grazing their sides), as (found, labelled)
     voxels of the labelled kind (a body found as body or S1, a disc as disc)."""
-    bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= 100)
+    bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= UNNAMED_BASE)
     discs = np.isin(truth, [LABEL_VALUES[n] for n in DISCS])
     kind, labelled, found = ("vertebral body", bodies, np.isin(classes, (1, 2))) if bodies.any() else ("disc", discs, classes == 3)
     area = labelled.sum(axis=(1, 2))
@@ -100,7 +101,7 @@ def component_dice(classes: np.ndarray, truth: np.ndarray, series: Series) -> di
     vertebrae scores low."""
     v = voxel_mm3(series)
     values = [int(x) for x in np.unique(truth) if x]
-    bodies = [x for x in values if x in [LABEL_VALUES[n] for n in BODIES] or x >= 100]
+    bodies = [x for x in values if x in [LABEL_VALUES[n] for n in BODIES] or x >= UNNAMED_BASE]
     discs = [x for x in values if x in [LABEL_VALUES[n] for n in DISCS]]
     out = {}
     for name, wanted, mask, split in (("vertebral body (any level)", bodies, np.isin(classes, (1, 2)), SPLIT_MM),

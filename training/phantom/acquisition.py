@@ -79,7 +79,7 @@ def sample_sagittal(rng: np.random.Generator, d: StudyDesign, contrast: str, num
 
 def _ending_below_s1_top(d: StudyDesign, centre: np.ndarray, rot: np.ndarray, fov: float, depth: float) -> np.ndarray:
     """The stack centre moved along the image columns so that the lower edge of the image lies
-    `depth` mm below the top of S1 (measured along the columns)."""
+    `depth` mm below the top of S1 (the centre of its superior endplate; measured along the columns)."""
     down = rot @ np.array([0.0, 0.0, -1.0])  # direction of increasing row index, as `stack` builds it
     s1_top = np.array([centre[0], *d.chain["S1"].top])
     return centre + ((s1_top - (centre + down * fov / 2)) @ down + depth) * down
