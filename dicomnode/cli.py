@@ -245,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
-                         fov_end=args.fov_end)
+                         fov_end=args.fov_end, s1_from=args.s1_from)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -400,6 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "slices lateral to the spine) is not of the labelled kind (spine-seg 1.1's recipe; --no-run-rows: 1.0's)")
     tr.add_argument("--fov-end", type=float, default=0.0, help="spine-seg: share of phantom slices whose field of "
                     "view is made to end inside S1, as most real sagittal series do (default 0: 1.1's recipe)")
+    tr.add_argument("--s1-from", metavar="MODEL_DIR", help="spine-seg: label S1 in the real training cases where "
+                    "this trained model folder marks bone just below the labelled L5 (no real case labels the sacrum)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")

@@ -117,3 +117,34 @@ def test_rows_inside_the_labelled_run_teach_what_is_not_that_kind() -> None:
         assert rows_on[beyond, col, sl] == IGNORE
     labelled = int((c.labels > 0).any(axis=(0, 1)).sum())
     assert len(real_slices(c, run_rows=True).images) == labelled + 2 * LATERAL_SLICES
+
+
+def test_s1_is_taken_from_the_bone_just_below_the_labelled_l5() -> None:
+    """No real case labels the sacrum; `s1_below_l5` takes S1 from a network's classes: the largest
+    unlabelled bone just below L5, a disc apart. Not bone far in front (an iliac wing in a lateral
+    slice), not a sliver, nothing in a case whose labels do not end at L5."""
+    from training.datasets.spine_seg import CLASSES, IGNORE, real_classes, s1_below_l5
+
+    c = load_case(DEFAULT_DIR / "VB3_01.npz")
+    body, s1_class = CLASSES.index("vertebral_body"), CLASSES.index("S1")
+    classes = np.where(c.labels > 0, body, 0).astype(np.uint8)
+    rows, cols, slices = np.nonzero(c.labels == len(c.names))  # L5
+    bottom, height = rows.max(), rows.max() - rows.min() + 1
+    s1 = np.zeros_like(classes, dtype=bool)
+    s1[bottom + 8:bottom + 8 + height // 2, cols.min():cols.max() + 1, slices.min():slices.max() + 1] = True
+    assert s1[:c.image.shape[0]].sum() > 0.2 * len(rows)  # inside the image and big enough
+    classes[s1] = body
+    wing = (slice(bottom + 5, bottom + 20), slice(max(cols.min() - 2 * height, 0), max(cols.min() - height - 5, 1)),
+            slice(slices.min(), slices.max() + 1))
+    classes[wing] = body  # bone more than a body height in front of L5
+    found = s1_below_l5(c, classes)
+    assert np.array_equal(found, s1)
+    target = real_classes(c, s1=found)
+    assert (target[found] == s1_class).all() and (target[c.labels > 0] == body).all()
+    assert not s1_below_l5(c, np.where(c.labels > 0, body, 0).astype(np.uint8)).any()  # no bone below L5
+    sliver = np.where(c.labels > 0, body, 0).astype(np.uint8)
+    sliver[bottom + 8:bottom + 10, cols.min():cols.min() + 5, slices.min()] = s1_class
+    assert not s1_below_l5(c, sliver).any()
+    ivd = load_case(DEFAULT_DIR / "IVD_11.npz")  # labels end at the L5/S1 disc: no L5 to go by
+    assert not s1_below_l5(ivd, np.ones(ivd.labels.shape, np.uint8)).any()
+    assert (real_classes(ivd) != CLASSES.index("S1")).all() and IGNORE in real_classes(ivd)

@@ -217,11 +217,13 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=4, batch=2, crop=64,
-                         channels=(4, 8), context=1, beyond_ends=True, run_rows=True, fov_end=1.0, workers=1)
+                         channels=(4, 8), context=1, beyond_ends=True, run_rows=True, fov_end=1.0, workers=1,
+                         s1_from=str(MODEL_DIR))
     folder = train(cfg, tmp_path / "model", tmp_path / "cache")
     d = json.loads((folder / "model.json").read_text())
     assert d["network"]["in_channels"] == 3 and d["training"]["real_case_ids"] == ["VB3_02"]
     assert d["training"]["beyond_ends"] is True and d["training"]["run_rows"] is True and d["training"]["fov_end"] == 1.0
+    assert d["training"]["s1_from"] == str(MODEL_DIR)
     before = torch_load(folder / "model.pt")
     train(cfg, folder, tmp_path / "cache")  # resumes from the checkpoint at iteration 4: nothing left to do
     after = torch_load(folder / "model.pt")

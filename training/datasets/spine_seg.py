@@ -38,11 +38,13 @@ def phantom_classes(labels: np.ndarray) -> np.ndarray:
     return _PHANTOM_LUT[labels]
 
 
-def real_classes(case: RealCase, beyond_ends: bool = False, run_rows: bool = False) -> np.ndarray:
+def real_classes(case: RealCase, beyond_ends: bool = False, run_rows: bool = False,
+                 s1: np.ndarray | None = None) -> np.ndarray:
     """[SI, AP, LR] classes of a real case: its labelled kind, known background, IGNORE elsewhere,
     and between two labelled neighbours (the disc between two bodies, the body between two discs)
     NOT_BODY or NOT_DISC: what lies there is unlabelled, but certainly not the labelled kind.
-    With `run_rows`, the same for every unlabelled voxel in the rows inside the labelled run.
+    With `run_rows`, the same for every unlabelled voxel in the rows inside the labelled run;
+    with `s1` (a mask, see s1_below_l5), S1 there.
 
     VB1 does not say which bodies it labels; its lowest may be S1, so that one is IGNORE too."""
     cls = np.full(case.labels.shape, IGNORE, dtype=np.uint8)
@@ -52,10 +54,42 @@ def real_classes(case: RealCase, beyond_ends: bool = False, run_rows: bool = Fal
     if run_rows:
         between = between | _inside_the_run(case.labels)
     cls[between & (cls == IGNORE)] = NOT_BODY if kind == 1 else NOT_DISC
+    if s1 is not None:
+        cls[s1] = CLASSES.index("S1")
     cls[case.labels > 0] = kind
     if case.dataset == "VB1":
         cls[case.labels == case.labels.max()] = IGNORE
     return cls
+
+
+def s1_below_l5(case: RealCase, classes: np.ndarray) -> np.ndarray:
+    """S1 in a real case that labels L5, from a trained network's classes ([SI, AP, LR]): the
+    largest unlabelled bone (body or S1 class) just below L5, apart from it (a disc between), at
+    least a fifth of L5's size. No real case labels the sacrum, so without this a network learns S1
+    from the phantom alone and rarely marks it on a real scan (naming then rests on fallbacks).
+    Empty where there is no such bone (the field of view ends above S1) or L5 is not labelled."""
+    none = np.zeros(case.labels.shape, dtype=bool)
+    if not case.names or case.names[-1] != "L5":
+        return none
+    l5 = case.labels == len(case.names)
+    rows = np.nonzero(l5.any(axis=(1, 2)))[0]
+    height = rows.max() - rows.min() + 1
+    centre = np.array(ndimage.center_of_mass(l5))
+    bone = np.isin(classes, (CLASSES.index("vertebral_body"), CLASSES.index("S1"))) & (case.labels == 0)
+    parts, n = ndimage.label(bone & ~ndimage.binary_dilation(l5, iterations=2))
+    if n == 0:
+        return none
+    sizes = ndimage.sum_labels(bone, parts, range(1, n + 1))
+    best, best_size = 0, S1_MIN_SHARE * l5.sum()
+    for i, (size, at) in enumerate(zip(sizes, ndimage.center_of_mass(bone, parts, range(1, n + 1))), start=1):
+        below, forward = at[0] - centre[0], at[1] - centre[1]
+        if size >= best_size and S1_BELOW[0] * height <= below <= S1_BELOW[1] * height and abs(forward) <= height:
+            best, best_size = i, size
+    return parts == best if best else none
+
+
+S1_MIN_SHARE = 0.2  # of L5's voxels: smaller bone below L5 is a sliver, an iliac wing or noise
+S1_BELOW = (0.35, 1.8)  # S1's centre below L5's, in L5's heights (the sacrum tilts back: S1's centre may be close)
 
 
 def _beyond_the_ends(case: RealCase) -> np.ndarray:
@@ -185,12 +219,14 @@ def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"),
 LATERAL_SLICES = 5  # with `run_rows`: unlabelled slices either side of the labelled ones (2 mm apart)
 
 
-def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run_rows: bool = False) -> Slices:
+def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run_rows: bool = False,
+                s1: np.ndarray | None = None) -> Slices:
     """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid); with
-    `run_rows`, also the slices just lateral to them, which teach what is not a body or disc."""
+    `run_rows`, also the slices just lateral to them, which teach what is not a body or disc; with
+    `s1`, S1 there (see s1_below_l5)."""
     image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
     images = with_context(image, context) if context else image
-    classes = real_classes(case, beyond_ends, run_rows)
+    classes = real_classes(case, beyond_ends, run_rows, s1)
     slices = np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]
     if run_rows:
         slices = np.arange(max(slices.min() - LATERAL_SLICES, 0), min(slices.max() + LATERAL_SLICES + 1, len(image)))

@@ -14,9 +14,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from pipelines.spine_seg import Network
 from training.datasets import spine_seg as data
-from training.datasets.real_lumbar import DEFAULT_DIR, load_cases
-from training.trainers.common import augment, git_commit, masked_ce_dice, optimise, seed_everything, write_model_folder
+from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, load_cases
+from training.trainers.common import augment, git_commit, masked_ce_dice, optimise, pad_to, seed_everything, write_model_folder
 
 log = logging.getLogger("dicomnode.train")
 
@@ -38,6 +39,7 @@ class SpineSegConfig:
     beyond_ends: bool = False  # real cases: below L5 is no lumbar body, above the L1/L2 disc no disc
     run_rows: bool = True  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
     fov_end: float = 0.0  # share of phantom slices whose field of view ends inside S1, as real series do
+    s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     seed: int = 0
     workers: int = 2
 
@@ -64,10 +66,24 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
                 phantom.extend(s)
         data.save(phantom, phantom_file)
     real = data.Slices([], [], [])
-    for case in load_cases(Path(cfg.real_dir)):
-        if cfg.real_cases is None or case.case_id in cfg.real_cases:
-            real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows))
+    cases = [c for c in load_cases(Path(cfg.real_dir)) if cfg.real_cases is None or c.case_id in cfg.real_cases]
+    s1_from = Network(Path(cfg.s1_from), "cpu") if cfg.s1_from else None
+    for case in tqdm(cases, desc="real cases", unit="case", disable=s1_from is None):
+        s1 = data.s1_below_l5(case, classes_of(s1_from, case)) if s1_from else None
+        real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows, s1))
     return phantom, real
+
+
+def classes_of(net: Network, case: RealCase) -> np.ndarray:
+    """A trained network's classes on every sagittal slice of a real case, [SI, AP, LR]."""
+    image = np.moveaxis(data.normalise(case.image), 2, 0)  # sagittal slices first
+    padded, (rows, cols) = pad_to(image)
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(padded), 8):
+            logits = net.net(torch.from_numpy(net.inputs(padded, slice(i, i + 8))))
+            out.append(logits.argmax(1).numpy()[:, :rows, :cols].astype(np.uint8))
+    return np.moveaxis(np.concatenate(out), 0, 2)
 
 
 def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
