@@ -38,7 +38,7 @@ class Endplate:
 
 
 def _edge_points(pts: np.ndarray, along: np.ndarray, outward: np.ndarray) -> np.ndarray:
-    """Per 1 mm strip across the central 80 % of the body, the pixel furthest towards `outward`."""
+    """Per 1 mm strip across the central 80 % of the body, the index of the pixel furthest towards `outward`."""
     centre = pts.mean(axis=0)
     u, h = (pts - centre) @ along, (pts - centre) @ outward
     lo, hi = np.percentile(u, [10, 90])
@@ -47,7 +47,7 @@ def _edge_points(pts: np.ndarray, along: np.ndarray, outward: np.ndarray) -> np.
         idx = np.nonzero((u >= a) & (u < a + 1.0))[0]
         if len(idx):
             chosen.append(idx[np.argmax(h[idx])])
-    return pts[chosen]
+    return np.array(chosen, dtype=int)
 
 
 def _line(points: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -82,21 +82,30 @@ def fit_endplate(mask: np.ndarray, spacing: tuple[float, float], outward: np.nda
     towards the neighbouring body. Of the sides of the body's smallest enclosing rectangle, the one
     facing `outward` gives the direction across the body; the boundary pixel furthest that way in
     each 1 mm strip of the central 80 % is an endplate point; a total least squares line through
-    them, points more than 1.5 mm off dropped, fitted again."""
+    them, points more than 1.5 mm off dropped, fitted again.
+
+    A body cut by the image edge (most real sagittal series end inside S1) is no rectangle: the
+    straight cut would pass for a side, so `outward` itself is the direction across it; and an
+    endplate whose points lie mostly on the edge is outside the field of view: None."""
     mask = ndimage.binary_opening(ndimage.binary_fill_holes(mask), iterations=1)
     rows, cols = np.nonzero(mask)
     if len(rows) < 30:
         return None
     pts = np.column_stack([rows * spacing[0], cols * spacing[1]])
     out = np.asarray(outward, dtype=float) / np.linalg.norm(outward)
-    e, n = _side_directions(pts)
-    normal = n if abs(np.dot(n, out)) >= abs(np.dot(e, out)) else e
-    normal = normal * np.sign(np.dot(normal, out))
-    along = np.array([-normal[1], normal[0]])
-    edge = _edge_points(pts, along, normal)
-    if len(edge) < 5:
-        return None
-    c, d, line = _line(edge)
+    on_edge = (rows == 0) | (rows == mask.shape[0] - 1) | (cols == 0) | (cols == mask.shape[1] - 1)
+    if on_edge.any():
+        normal = out
+    else:
+        e, n = _side_directions(pts)
+        normal = n if abs(np.dot(n, out)) >= abs(np.dot(e, out)) else e
+    for _ in range(3 if on_edge.any() else 1):  # a cut body: the fitted endplate gives the next direction
+        normal = normal * np.sign(np.dot(normal, out))
+        chosen = _edge_points(pts, np.array([-normal[1], normal[0]]), normal)
+        if len(chosen) < 5 or on_edge[chosen].mean() > 0.5:
+            return None
+        c, d, line = _line(pts[chosen])
+        normal = np.array([-d[1], d[0]])
     t = (line - c) @ d
     ends = [c + t.min() * d, c + t.max() * d]
     ends_px = tuple((float(p[0] / spacing[0]), float(p[1] / spacing[1])) for p in ends)

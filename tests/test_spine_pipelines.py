@@ -253,3 +253,33 @@ def test_real_recall_is_split_by_how_fully_each_slice_cuts_the_structure() -> No
         "central (>= 0.8)": (100, 100), "0.5-0.8": (35, 70), "lateral (< 0.5)": (0, 30)}}
     discs = np.where(truth > 0, LABEL_VALUES["L1/L2"], 0).astype(np.uint8)
     assert recall_by_cut(classes, discs)["disc"]["lateral (< 0.5)"] == (30, 30)
+
+
+def _tilted_body(shape: tuple[int, int], centre: tuple[float, float], degrees: float,
+                 height: float = 28.0, width: float = 40.0) -> np.ndarray:
+    """A vertebral body in a 1 mm sagittal slice: a rectangle whose endplates tilt by `degrees`."""
+    rows, cols = np.mgrid[:shape[0], :shape[1]]
+    t = np.radians(degrees)
+    along = np.array([np.sin(t), np.cos(t)])  # (row, col) along the endplate
+    across = np.array([np.cos(t), -np.sin(t)])
+    d = np.stack([rows - centre[0], cols - centre[1]], axis=-1)
+    return (np.abs(d @ along) <= width / 2) & (np.abs(d @ across) <= height / 2)
+
+
+@pytest.mark.parametrize("visible_mm", [10, 16, 24])
+def test_endplate_of_a_body_cut_by_the_field_of_view(visible_mm: int) -> None:
+    """Most real sagittal series end inside S1: the straight cut at the image edge must not be taken
+    for a side of the body, and an endplate lying beyond the edge is not measured."""
+    from pipelines.lordosis import fit_endplate
+
+    full = _tilted_body((200, 160), (100.0, 80.0), 35.0)
+    top = np.nonzero(full.any(axis=1))[0].min()
+    s1 = full[:top + visible_mm]  # the image ends visible_mm below the body's highest point
+    plate = fit_endplate(s1, (1.0, 1.0), np.array([-1.0, 0.3]))  # towards L5, above and a little behind
+    assert plate is not None
+    tilt = np.degrees(np.arctan2(abs(plate.direction[0]), abs(plate.direction[1])))
+    assert abs(tilt - 35.0) < 3.0
+    l1 = full[top + visible_mm:]  # the image starts inside the body: its superior endplate is not in view
+    assert fit_endplate(l1, (1.0, 1.0), np.array([-1.0, 0.0])) is None
+    whole = fit_endplate(full, (1.0, 1.0), np.array([-1.0, 0.3]))
+    assert whole is not None and abs(np.degrees(np.arctan2(abs(whole.direction[0]), abs(whole.direction[1]))) - 35) < 2
