@@ -231,6 +231,22 @@ def _find_s1(classes: np.ndarray, bodies: list[Component], discs: Discs, v: floa
     return next((s for s, above in reach if above), None)
 
 
+def _lumbar_above_a_disc(classes: np.ndarray, discs: Discs, v: float, series: Series,
+                         problems: list[str]) -> np.ndarray:
+    """The classes with every S1-marked component that has a mobile disc below it marked vertebral
+    body instead: below S1 the sacrum is fused, so that is L5 (a network that learned S1 as the bone
+    at the lower edge of real images marks L5 so when the image ends inside the L5/S1 disc or S1)."""
+    moved = [mask for mask, centre in _components(classes == S1, v, MIN_S1_MM3, series)
+             if _disc_between(discs, centre[2] - MAX_STEP_MM / 2, centre[2])]
+    if not moved:
+        return classes
+    classes = classes.copy()
+    for mask in moved:
+        classes[mask] = BODY
+    problems.append("bone marked S1 above a mobile disc taken as a lumbar vertebral body")
+    return classes
+
+
 def _below_l5(bodies: list[Component], discs: list[Component]) -> np.ndarray | None:
     """Where S1 lies when the network marked no S1 (it may sit cut at the edge of the field of
     view): below the lowest body that has a disc under it and no body under that disc, as far
@@ -252,12 +268,13 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     v = voxel_mm3(series)
     out = Labelled(np.zeros(classes.shape, dtype=np.uint8), classes)
     out.labels[classes == CANAL] = LABEL_VALUES["canal"]
+    discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
+    heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
+    classes = _lumbar_above_a_disc(classes, heights, v, series, out.problems)
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
     if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
         typical = _typical([int(c[0].sum()) for c in candidates])
         candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical]
-    discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
-    heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
     s1 = _find_s1(classes, candidates, heights, v, series, out.problems)
     if s1 is not None:
         s1_mask, s1_centre = s1
@@ -340,4 +357,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, series.datasets, model.algorithm, options, segments=segments)
 
 
-register(Pipeline("spine-seg", run, device="gpu", version="1.1", model_dir=MODEL_DIR, load_model=load_model))
+register(Pipeline("spine-seg", run, device="gpu", version="1.2", model_dir=MODEL_DIR, load_model=load_model))

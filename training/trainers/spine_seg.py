@@ -21,7 +21,7 @@ from training.trainers.common import augment, git_commit, masked_ce_dice, optimi
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.1"
+VERSION = "1.2"  # 1.2: real share 0.6, S1 labelled in the real cases from 1.1 (--s1-from)
 
 
 @dataclass
@@ -29,7 +29,7 @@ class SpineSegConfig:
     phantom_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1060)))
     real_cases: list[str] | None = None  # None: every real case
     real_dir: str = str(DEFAULT_DIR)
-    iterations: int = 2500  # the shipped 1.1's recipe; 8000 and real_fraction 0.5 gave candidate 1.3 (README)
+    iterations: int = 2500  # 8000 and real_fraction 0.5 gave candidate 1.3 (README)
     batch: int = 8
     crop: int = 192
     lr: float = 2e-3
