@@ -62,12 +62,17 @@ def real_classes(case: RealCase, beyond_ends: bool = False, run_rows: bool = Fal
     return cls
 
 
+S1_MIN_SHARE = 0.2  # of L5's voxels: smaller bone below L5 is a sliver, an iliac wing or noise
+S1_BELOW = (0.35, 1.8)  # S1's centre below L5's, in L5's heights (the sacrum tilts back: S1's centre may be close)
+
+
 def s1_below_l5(case: RealCase, classes: np.ndarray) -> np.ndarray:
     """S1 in a real case that labels L5, from a trained network's classes ([SI, AP, LR]): the
-    largest unlabelled bone (body or S1 class) just below L5, apart from it (a disc between), at
-    least a fifth of L5's size. No real case labels the sacrum, so without this a network learns S1
-    from the phantom alone and rarely marks it on a real scan (naming then rests on fallbacks).
-    Empty where there is no such bone (the field of view ends above S1) or L5 is not labelled."""
+    largest unlabelled bone (body or S1 class) just below L5 and not touching it (the L5/S1 disc
+    lies between), at least a fifth of L5's size. No real case labels the sacrum, so without this
+    a network learns S1 from the phantom alone and rarely marks it on a real scan (naming then
+    rests on fallbacks). Empty where there is no such bone (the field of view ends above S1) or L5
+    is not labelled."""
     none = np.zeros(case.labels.shape, dtype=bool)
     if not case.names or case.names[-1] != "L5":
         return none
@@ -86,10 +91,6 @@ def s1_below_l5(case: RealCase, classes: np.ndarray) -> np.ndarray:
         if size >= best_size and S1_BELOW[0] * height <= below <= S1_BELOW[1] * height and abs(forward) <= height:
             best, best_size = i, size
     return parts == best if best else none
-
-
-S1_MIN_SHARE = 0.2  # of L5's voxels: smaller bone below L5 is a sliver, an iliac wing or noise
-S1_BELOW = (0.35, 1.8)  # S1's centre below L5's, in L5's heights (the sacrum tilts back: S1's centre may be close)
 
 
 def _beyond_the_ends(case: RealCase) -> np.ndarray:
