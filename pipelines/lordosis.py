@@ -94,12 +94,13 @@ def fit_endplate(mask: np.ndarray, spacing: tuple[float, float], outward: np.nda
     pts = np.column_stack([rows * spacing[0], cols * spacing[1]])
     out = np.asarray(outward, dtype=float) / np.linalg.norm(outward)
     on_edge = (rows == 0) | (rows == mask.shape[0] - 1) | (cols == 0) | (cols == mask.shape[1] - 1)
-    if on_edge.any():
+    cut = bool(on_edge.any())
+    if cut:
         normal = out
     else:
         e, n = _side_directions(pts)
         normal = n if abs(np.dot(n, out)) >= abs(np.dot(e, out)) else e
-    for _ in range(3 if on_edge.any() else 1):  # a cut body: the fitted endplate gives the next direction
+    for _ in range(3 if cut else 1):  # a cut body: the fitted endplate gives the next direction
         normal = normal * np.sign(np.dot(normal, out))
         chosen = _edge_points(pts, np.array([-normal[1], normal[0]]), normal)
         if len(chosen) < 5 or on_edge[chosen].mean() > 0.5:

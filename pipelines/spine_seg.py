@@ -13,6 +13,7 @@ import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy import ndimage
@@ -23,6 +24,9 @@ from structured_reports.codes import STRUCTURES
 from structured_reports.model import Algorithm, ResultOptions, Segment
 from structured_reports.writer import write_results
 from training.phantom.anatomy import LABEL_VALUES
+
+if TYPE_CHECKING:  # torch is imported lazily, where a network runs
+    import torch
 
 MODEL_DIR = Path(__file__).resolve().parent / "models" / "spine-seg"
 GRADCAM_LAYER = "model.1.submodule.2"  # the decoder block at half resolution
@@ -47,12 +51,19 @@ class Network:
         self.net = network(tuple(description["network"]["channels"]), 2 * self.context + 1)
         self.net.load_state_dict(state)
         self.net.to(device).eval()
+        self.device = device
 
     def inputs(self, grid: np.ndarray, k: slice) -> np.ndarray:
         """The network input [batch, channel, row, col] for slices `k` of a [slice, row, col] grid."""
         from training.datasets.spine_seg import with_context
 
         return np.ascontiguousarray(with_context(grid, self.context, k))
+
+    def logits(self, grid: np.ndarray, k: slice) -> torch.Tensor:
+        """Class logits [batch, class, row, col] for slices `k` of a padded [slice, row, col] grid."""
+        import torch
+
+        return self.net(torch.from_numpy(self.inputs(grid, k)).to(self.device))
 
 
 class Model:
@@ -92,8 +103,7 @@ class Model:
         with torch.inference_mode():
             for i in range(0, len(padded), batch):
                 k = slice(i, i + batch)
-                p = sum(w * torch.softmax(m.net(torch.from_numpy(m.inputs(padded, k)).to(self.device)), dim=1)
-                        for m, w in self.members)
+                p = sum(w * torch.softmax(m.logits(padded, k), dim=1) for m, w in self.members)
                 # back to the series grid (pixel centres aligned, edges held) where the network ran:
                 # scipy's 4-D zoom of the whole stack took 3.3 s of a 7.3 s spine-seg + lordosis run
                 p = torch.nn.functional.interpolate(p[:, :, :r, :c], size=(rows, cols), mode="bilinear", align_corners=False)
@@ -208,14 +218,13 @@ def _typical(sizes: list[int]) -> float:
     return float(np.median(sorted(sizes, reverse=True)[:5]))
 
 
-def _find_s1(classes: np.ndarray, bodies: list[Component], discs: Discs, v: float, series: Series,
-             problems: list[str]) -> Component | None:
+def _find_s1(marked: list[Component], bodies: list[Component], discs: Discs, problems: list[str]) -> Component | None:
     """S1, in order of confidence: the largest S1-class component with a disc between it and the
     nearest vertebral body above it; else the lowest body with a disc above it and none below it
     (below S1 the sacrum is fused: there is no mobile disc; a field of view ending inside S1 leaves
     it cut, often marked as a body, with scraps of the S1/S2 remnant disc under it); else an
     S1-class component with a body within reach above."""
-    marked = sorted(_components(classes == S1, v, MIN_S1_MM3, series), key=lambda c: -c[0].sum())
+    marked = sorted(marked, key=lambda c: -c[0].sum())
     reach = [(s, [b for b in bodies if 0 < b[1][2] - s[1][2] and np.linalg.norm(b[1] - s[1]) <= MAX_STEP_MM])
              for s in marked]
     for s, above in reach:
@@ -231,20 +240,20 @@ def _find_s1(classes: np.ndarray, bodies: list[Component], discs: Discs, v: floa
     return next((s for s, above in reach if above), None)
 
 
-def _lumbar_above_a_disc(classes: np.ndarray, discs: Discs, v: float, series: Series,
-                         problems: list[str]) -> np.ndarray:
+def _lumbar_above_a_disc(classes: np.ndarray, marked: list[Component], discs: Discs,
+                         problems: list[str]) -> tuple[np.ndarray, list[Component]]:
     """The classes with every S1-marked component that has a mobile disc below it marked vertebral
-    body instead: below S1 the sacrum is fused, so that is L5 (a network that learned S1 as the bone
-    at the lower edge of real images marks L5 so when the image ends inside the L5/S1 disc or S1)."""
-    moved = [mask for mask, centre in _components(classes == S1, v, MIN_S1_MM3, series)
-             if _disc_between(discs, centre[2] - MAX_STEP_MM / 2, centre[2])]
+    body instead, and the S1-marked components left: below S1 the sacrum is fused, so that is L5 (a
+    network that learned S1 as the bone at the lower edge of real images marks L5 so when the image
+    ends inside the L5/S1 disc or S1)."""
+    moved = [c for c in marked if _disc_between(discs, c[1][2] - MAX_STEP_MM / 2, c[1][2])]
     if not moved:
-        return classes
+        return classes, marked
     classes = classes.copy()
-    for mask in moved:
+    for mask, _ in moved:
         classes[mask] = BODY
     problems.append("bone marked S1 above a mobile disc taken as a lumbar vertebral body")
-    return classes
+    return classes, [c for c in marked if all(c[0] is not m[0] for m in moved)]
 
 
 def _below_l5(bodies: list[Component], discs: list[Component]) -> np.ndarray | None:
@@ -270,12 +279,13 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     out.labels[classes == CANAL] = LABEL_VALUES["canal"]
     discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
     heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
-    classes = _lumbar_above_a_disc(classes, heights, v, series, out.problems)
+    marked = _components(classes == S1, v, MIN_S1_MM3, series)
+    classes, marked = _lumbar_above_a_disc(classes, marked, heights, out.problems)
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
     if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
         typical = _typical([int(c[0].sum()) for c in candidates])
         candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical]
-    s1 = _find_s1(classes, candidates, heights, v, series, out.problems)
+    s1 = _find_s1(marked, candidates, heights, out.problems)
     if s1 is not None:
         s1_mask, s1_centre = s1
         near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))

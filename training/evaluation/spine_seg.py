@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipelines.lordosis import category, measure
 from pipelines.series import Series, pick_series
-from pipelines.spine_seg import SPLIT_MM, Model, _components, segment, voxel_mm3
+from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
 from training.evaluation.metrics import bars, bland_altman, confusion, dice, iou
 from training.phantom.anatomy import LABEL_VALUES
@@ -84,7 +84,7 @@ def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str,
     voxels of the labelled kind (a body found as body or S1, a disc as disc)."""
     bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= UNNAMED_BASE)
     discs = np.isin(truth, [LABEL_VALUES[n] for n in DISCS])
-    kind, labelled, found = ("vertebral body", bodies, np.isin(classes, (1, 2))) if bodies.any() else ("disc", discs, classes == 3)
+    kind, labelled, found = ("vertebral body", bodies, np.isin(classes, (BODY, S1))) if bodies.any() else ("disc", discs, classes == DISC)
     area = labelled.sum(axis=(1, 2))
     out = dict.fromkeys(CUTS, (0, 0))
     for k in np.nonzero(area)[0]:
@@ -104,8 +104,8 @@ def component_dice(classes: np.ndarray, truth: np.ndarray, series: Series) -> di
     bodies = [x for x in values if x in [LABEL_VALUES[n] for n in BODIES] or x >= UNNAMED_BASE]
     discs = [x for x in values if x in [LABEL_VALUES[n] for n in DISCS]]
     out = {}
-    for name, wanted, mask, split in (("vertebral body (any level)", bodies, np.isin(classes, (1, 2)), SPLIT_MM),
-                                      ("disc (any level)", discs, classes == 3, 0.0)):
+    for name, wanted, mask, split in (("vertebral body (any level)", bodies, np.isin(classes, (BODY, S1)), SPLIT_MM),
+                                      ("disc (any level)", discs, classes == DISC, 0.0)):
         if not wanted:
             continue
         comps = [c for c, _ in _components(mask, v, 0.0, series, split)]

@@ -81,8 +81,7 @@ def classes_of(net: Network, case: RealCase) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(padded), 8):
-            logits = net.net(torch.from_numpy(net.inputs(padded, slice(i, i + 8))))
-            out.append(logits.argmax(1).numpy()[:, :rows, :cols].astype(np.uint8))
+            out.append(net.logits(padded, slice(i, i + 8)).argmax(1).numpy()[:, :rows, :cols].astype(np.uint8))
     return np.moveaxis(np.concatenate(out), 0, 2)
 
 
