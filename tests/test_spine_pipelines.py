@@ -243,6 +243,15 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     assert probs.shape == (5, *series.volume.shape) and np.allclose(probs.sum(axis=0), 1, atol=1e-4)
 
 
+def test_training_with_a_wrong_s1_from_folder_stops_before_rendering(tmp_path: Path) -> None:
+    from training.trainers.spine_seg import SpineSegConfig, train
+
+    cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=1, s1_from=str(tmp_path / "nowhere"))
+    with pytest.raises(FileNotFoundError, match="is not a model folder"):
+        train(cfg, tmp_path / "model", tmp_path / "cache")
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def torch_load(path: Path) -> dict:
     import torch
 

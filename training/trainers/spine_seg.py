@@ -53,6 +53,7 @@ def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: in
 
 def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
     """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
+    s1_from = Network(Path(cfg.s1_from), "cpu") if cfg.s1_from else None  # a wrong folder fails before the rendering
     suffix = f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
     phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
@@ -67,7 +68,6 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
         data.save(phantom, phantom_file)
     real = data.Slices([], [], [])
     cases = [c for c in load_cases(Path(cfg.real_dir)) if cfg.real_cases is None or c.case_id in cfg.real_cases]
-    s1_from = Network(Path(cfg.s1_from), "cpu") if cfg.s1_from else None
     for case in tqdm(cases, desc="real cases", unit="case", disable=s1_from is None):
         s1 = data.s1_below_l5(case, classes_of(s1_from, case)) if s1_from else None
         real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows, s1))
