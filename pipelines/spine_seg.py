@@ -37,6 +37,7 @@ MIN_FRACTION = 0.3  # of a typical body: smaller is a fragment; of a typical dis
 S1_CONTACT = 0.05  # share of a body's voxels next to S1 above which it is part of S1
 SPLIT_MM = 3.0  # erosion that separates vertebral bodies touching through misclassified pixels
 MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
+S1_DEPTH = 1.2  # S1's body spans about L5's height down the sacrum; what the network marks beyond is S2 and below
 
 
 class Network:
@@ -315,6 +316,7 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
             break
         out.labels[mask] = LABEL_VALUES[name]
         chain.append((name, centre))
+    _trim_s1(out.labels, series)
     if len(chain) < 6:
         out.problems.append(f"only {len(chain) - 1} lumbar vertebral bodies found above S1 (L1 may be outside the field of view)")
     for (lower, lc), (upper, uc) in zip(chain, chain[1:]):
@@ -325,6 +327,35 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
         mask = np.logical_or.reduce([d[0] for d in between])
         out.labels[mask & (out.labels == 0)] = LABEL_VALUES[f"{upper}/{lower}"]
     return out
+
+
+def _trim_s1(labels: np.ndarray, series: Series) -> None:
+    """Keep S1's body: the network's S1 often runs on down the sacrum and into its posterior parts,
+    which are not S1's body (the phantom and radiologists draw the body alone). Kept: what lies, in
+    the sagittal plane, within S1_DEPTH L5 heights of S1's top along the direction from L5's centre
+    to S1's, and across it within L5's depth and a fifth more either side. The direction is taken
+    again from what is kept (the parts cut off pull S1's centre away)."""
+    s1, l5 = labels == LABEL_VALUES["S1"], labels == LABEL_VALUES["L5"]
+    if not s1.any() or not l5.any():
+        return
+    mm = np.array(series.spacing)
+    k, r, c = np.nonzero(s1)
+    at1 = np.stack([r, c], axis=1) * mm
+    at5 = np.stack(np.nonzero(l5)[1:], axis=1) * mm
+    keep = np.ones(len(at1), dtype=bool)
+    for _ in range(3):
+        down = at1[keep].mean(axis=0) - at5.mean(axis=0)
+        down /= np.linalg.norm(down)
+        across = np.array([-down[1], down[0]])
+        lo, hi = np.percentile(at5 @ down, [2, 98])
+        front, back = np.percentile(at5 @ across, [2, 98])
+        margin = 0.2 * (back - front)
+        along1, across1 = at1 @ down, at1 @ across
+        keep = ((along1 <= np.percentile(along1[keep], 2) + S1_DEPTH * (hi - lo))
+                & (across1 >= front - margin) & (across1 <= back + margin))
+        if not keep.any():
+            return
+    labels[k[~keep], r[~keep], c[~keep]] = 0
 
 
 _cache: dict[tuple, Labelled] = {}  # the latest results, oldest first

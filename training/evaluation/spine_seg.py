@@ -6,7 +6,7 @@ the node runs (DICOM series in, named labels and angles out).
   (Bland-Altman), hypo/normal/hyper confusion matrix.
 - Real: the held-out fold of `../shared/data/real_lumbar` (the shipped model never saw it):
   Dice/IoU per level where the case names its levels (VB3 bodies L1-L5, IVD discs), Dice of each
-  labelled structure with its best-matching predicted component whatever its name (VB1 names no
+  labelled structure with the output structure that overlaps it most, whatever its name (VB1 names no
   levels), level naming per VB3 study, recall by how fully each sagittal slice cuts the labelled
   structures (where voxels are missed), and the L1-L5 angle from our segmentation against the same
   measurement on the manual masks.
@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from pipelines.lordosis import category, measure
 from pipelines.series import Series, pick_series
-from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Model, _components, segment, voxel_mm3
+from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
 from training.evaluation.metrics import bars, bland_altman, confusion, dice, iou
 from training.phantom.anatomy import LABEL_VALUES
@@ -69,8 +69,8 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
         r.named_ok = all(r.dice[n] > 0.5 for n in lumbar)
     r.angles = {a.span: a.degrees for a in measure(pred.labels, series).angles}
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
-    if known is not None:  # real cases: each labelled structure against its best-matching predicted component
-        r.dice.update(component_dice(pred.classes, truth, series))
+    if known is not None:  # real cases: each labelled structure against its best-matching output structure
+        r.dice.update(component_dice(pred, truth, series))
         r.recall_by_cut = recall_by_cut(pred.classes, truth)
     return r
 
@@ -95,20 +95,24 @@ def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str,
     return {kind: out}
 
 
-def component_dice(classes: np.ndarray, truth: np.ndarray, series: Series) -> dict[str, float]:
-    """Mean Dice of each labelled body (or disc) with the predicted component that overlaps it most,
-    whatever its name: segmentation quality apart from naming; a component spanning several
-    vertebrae scores low."""
+def component_dice(pred: Labelled, truth: np.ndarray, series: Series) -> dict[str, float]:
+    """Mean Dice of each labelled body (or disc) with the output structure that overlaps it most,
+    whatever its name: segmentation quality apart from naming. Output structures are what the
+    pipeline delivers (each named level) and the connected components of what the network marked
+    but naming left unnamed (T12, bodies of a study it could not name); a component spanning
+    several vertebrae scores low."""
     v = voxel_mm3(series)
     values = [int(x) for x in np.unique(truth) if x]
-    bodies = [x for x in values if x in [LABEL_VALUES[n] for n in BODIES] or x >= UNNAMED_BASE]
-    discs = [x for x in values if x in [LABEL_VALUES[n] for n in DISCS]]
     out = {}
-    for name, wanted, mask, split in (("vertebral body (any level)", bodies, np.isin(classes, (BODY, S1)), SPLIT_MM),
-                                      ("disc (any level)", discs, classes == DISC, 0.0)):
+    for name, names, classes, split in (("vertebral body (any level)", BODIES, (BODY, S1), SPLIT_MM),
+                                        ("disc (any level)", DISCS, (DISC,), 0.0)):
+        named = [LABEL_VALUES[n] for n in names]
+        wanted = [x for x in values if x in named or (BODY in classes and x >= UNNAMED_BASE)]
         if not wanted:
             continue
-        comps = [c for c, _ in _components(mask, v, 0.0, series, split)]
+        unnamed = np.isin(pred.classes, classes) & ~np.isin(pred.labels, named)
+        comps = [pred.labels == x for x in named if (pred.labels == x).any()]
+        comps += [c for c, _ in _components(unnamed, v, 0.0, series, split)]
         scores = []
         for x in wanted:
             t = truth == x
@@ -249,7 +253,7 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         lines.append(f"| {s} | {_fmt(m['phantom']['dice'].get(s))} | {_fmt(m['phantom']['iou'].get(s))} | "
                      f"{_fmt(m['real']['dice'].get(s))} | {_fmt(m['real']['iou'].get(s))} |")
     for s in ("vertebral body (any level)", "disc (any level)"):
-        lines.append(f"| {s}: best-matching component, naming aside | | | {_fmt(m['real']['dice'].get(s))} | |")
+        lines.append(f"| {s}: best-matching output structure, naming aside | | | {_fmt(m['real']['dice'].get(s))} | |")
     lines += ["", f"- Level naming (all five lumbar bodies right): phantom {_fmt(m['phantom']['level_naming_accuracy'])}, "
               f"real {_fmt(m['real']['level_naming_accuracy'])} over {m['real']['level_naming_studies']} studies that name L1-L5.",
               f"- Lordosis class accuracy (phantom, L1-S1): {_fmt(m['phantom']['lordosis_class_accuracy'])}."]
