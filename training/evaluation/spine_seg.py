@@ -111,7 +111,7 @@ def component_dice(pred: Labelled, truth: np.ndarray, series: Series) -> dict[st
         if not wanted:
             continue
         unnamed = np.isin(pred.classes, classes) & ~np.isin(pred.labels, named)
-        comps = [pred.labels == x for x in named if (pred.labels == x).any()]
+        comps = [m for m in (pred.labels == x for x in named) if m.any()]
         comps += [c for c, _ in _components(unnamed, v, 0.0, series, split)]
         scores = []
         for x in wanted:
