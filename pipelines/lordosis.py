@@ -117,9 +117,11 @@ def angle_between(a: Endplate, b: Endplate) -> float:
     return float(np.degrees(np.arccos(np.clip(abs(np.dot(a.direction, b.direction)), 0, 1))))
 
 
-def midline_slice(labels: np.ndarray, names: tuple[str, ...] = ("L1", "L2", "L3", "L4", "L5", "S1")) -> int:
-    """The sagittal slice through the vertebral midline: the one with the most vertebral body pixels."""
-    bodies = np.isin(labels, [LABEL_VALUES[n] for n in names])
+def midline_slice(labels: np.ndarray) -> int:
+    """The sagittal slice through the vertebral midline: the one with the most L1-L5 body pixels. S1
+    is left out: how much of it a slice shows depends on where the field of view ends and on how far
+    a segmentation follows it into the sacrum, neither of which says where the midline is."""
+    bodies = np.isin(labels, [LABEL_VALUES[n] for n in ("L1", "L2", "L3", "L4", "L5")])
     return int(np.argmax(bodies.sum(axis=(1, 2))))
 
 

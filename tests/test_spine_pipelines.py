@@ -45,7 +45,8 @@ def series_and_truth(study: Path) -> tuple[Series, np.ndarray, dict]:
 
 def test_lordosis_from_the_truth_masks_matches_the_truth_angles(lumbar_studies: list[Path]) -> None:
     """The endplate line fit, given exact masks, recovers the phantom's angles: the measurement
-    method itself is right (so model error is what the evaluation measures)."""
+    method itself is right (so model error is what the evaluation measures). One slice's pixels
+    move a single angle by up to 2.8 deg (validation phantoms 4000-4029, 512 matrix)."""
     errors = []
     for study in lumbar_studies:
         series, labels, truth = series_and_truth(study)
@@ -55,7 +56,22 @@ def test_lordosis_from_the_truth_masks_matches_the_truth_angles(lumbar_studies: 
             errors.append(abs(a.degrees - truth["lordosis_deg"][a.span]))
             if a.span == "L1-S1":
                 assert a.category == ("normal_lordosis" if truth["lordosis_class"] == "normal" else truth["lordosis_class"])
-    assert len(errors) == 2 * len(lumbar_studies) and max(errors) < 2.0 and np.mean(errors) < 1.0
+    assert len(errors) == 2 * len(lumbar_studies) and max(errors) < 3.0 and np.mean(errors) < 1.0
+
+
+def test_the_midline_slice_does_not_follow_s1(lumbar_studies: list[Path]) -> None:
+    """S1 marked far into the sacrum on a slice beside the midline (what a network does on real
+    scans) leaves the angles measured on the midline slice of L1-L5."""
+    series, labels, _ = series_and_truth(lumbar_studies[1])
+    clean = {a.span: a for a in measure(labels, series).angles}
+    side = int(np.argmax(np.isin(labels, [LABEL_VALUES[n] for n in NAMED[:5]]).sum(axis=(1, 2)))) + 2
+    s1_top = np.nonzero((labels[side] == LABEL_VALUES["S1"]).any(axis=1))[0].min()
+    marked = labels.copy()
+    marked[side, s1_top:][marked[side, s1_top:] == 0] = LABEL_VALUES["S1"]
+    angles = measure(marked, series).angles
+    assert [a.span for a in angles] == list(clean) == ["L1-S1", "L1-L5"]
+    for a in angles:
+        assert a.sop_instance_uid == clean[a.span].sop_instance_uid and a.degrees == clean[a.span].degrees, a.span
 
 
 def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> None:
