@@ -1,7 +1,9 @@
 """The node's DICOM listener: C-ECHO, and C-STORE of every storage SOP class.
 
 Handlers return a status and do no slow work: the instance is written durably (that must happen
-before Success) and the assembler is told; routing and pipelines run elsewhere.
+before Success) and the assembler is told; routing and pipelines run elsewhere. Most C-STORE
+requests reach `StoreSCP.store` from the association's DUL thread (`dicomnode.cstore`), the rest
+from pynetdicom's EVT_C_STORE.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from dicomnode.audit import Audit
 from dicomnode.config import NodeConfig
+from dicomnode.cstore import StoreRequest
 from dicomnode.metrics import Metrics
 from dicomnode.reactor import EventDrivenRequestHandler
 from dicomnode.scu import set_nodelay
@@ -145,6 +148,7 @@ class Listener(ThreadedAssociationServer):
 
     handoff: Callable[[socket.socket, int], bool] | None = None
     on_closed: Callable[[], None] | None = None
+    store: Callable[[StoreRequest], int] | None = None  # C-STORE read by the DUL (`dicomnode.cstore`)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, request_handler=EventDrivenRequestHandler, **kwargs)
@@ -243,13 +247,16 @@ class StoreSCP:
         tls = self.cfg.node.tls
         # pynetdicom's standard handlers format every PDU and DIMSE message for its debug log even when
         # that logger is at WARNING (and keep the reactor from answering C-STORE itself); the node logs its own
-        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+        fast = not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG)
+        if fast:
             _config.LOG_HANDLER_LEVEL = "none"
         keep_large_buffers()
         ae = self._ae()
         self.server = ae.make_server(addr, contexts=SharedUIDContexts(ae.supported_contexts), evt_handlers=handlers,
                                      ssl_context=dicom_server_context(tls) if tls else None,
                                      server_class=Listener if listen else HandedListener)
+        if fast:  # pynetdicom's debug log shows each PDU only on its own path
+            self.server.store = self.store
         if listen:
             threading.Thread(target=self.server.serve_forever, name="dicom-listener", daemon=True).start()
             log.info("listening as %s on %s:%d%s", self.cfg.node.ae_title, *addr, " (DICOM TLS)" if tls else "")
@@ -269,24 +276,29 @@ class StoreSCP:
         self.metrics.inc("dicomnode_associations_rejected_total")
 
     def handle_store(self, event: evt.Event) -> int:
+        """pynetdicom's EVT_C_STORE: the requests `dicomnode.cstore` leaves to pynetdicom."""
+        return self.store(StoreRequest.from_event(event))
+
+    def store(self, request: StoreRequest) -> int:
+        """Store one received instance durably and return the C-STORE status (either receive path)."""
         t0 = time.perf_counter()
-        status = self._store(event)
+        status = self._store(request)
         outcome = "success" if status == SUCCESS else f"0x{status:04X}"
         self.metrics.inc("dicomnode_c_store_total", status=outcome)
         self.metrics.observe("dicomnode_c_store_seconds", time.perf_counter() - t0)
         return status
 
-    def _store(self, event: evt.Event) -> int:
-        calling = event.assoc.requestor.ae_title
+    def _store(self, request: StoreRequest) -> int:
+        calling = request.calling_ae
         try:
-            ds = event.dataset
+            ds = request.dataset()
             ident = Identity.of(ds)
-            if ident.sop_instance_uid != str(event.request.AffectedSOPInstanceUID):
+            if ident.sop_instance_uid != request.sop_instance_uid:
                 log.warning("C-STORE from %s refused: the dataset's SOP Instance UID differs from the command's", calling)
                 return SOP_MISMATCH
-            _check_pixel_length(ds, UID(event.context.transfer_syntax))
-            header = part10_header(ident.sop_class_uid, ident.sop_instance_uid, event.context.transfer_syntax, calling)
-            data = header + event.encoded_dataset(include_meta=False)
+            _check_pixel_length(ds, UID(request.transfer_syntax))
+            header = part10_header(ident.sop_class_uid, ident.sop_instance_uid, request.transfer_syntax, calling)
+            data = header + request.encoded
         except (InvalidInstance, TruncatedInstance) as e:
             log.warning("C-STORE from %s refused: %s", calling, e)
             self.audit.write("refused", calling_ae=calling, reason=str(e))
