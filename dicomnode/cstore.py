@@ -148,10 +148,9 @@ class CStoreReader:
         decodes it. Raises ProtocolError for a violation in the middle of a taken request."""
         items = pdv_items(body)
         if self.pending is None:
-            if not items or not self._start(items[0]):
-                return False
-            if any(cid != items[0][0] or control & COMMAND for cid, control, _ in items[1:]):
-                self.pending = None  # nothing consumed yet: pynetdicom decides what this is
+            # a request's command, then (in the same PDU) only its data set, or pynetdicom decides what this is
+            if not items or any(cid != items[0][0] or control & COMMAND for cid, control, _ in items[1:]) \
+                    or not self._start(items[0]):
                 return False
             items = items[1:]
         elif items is None:

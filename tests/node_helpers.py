@@ -11,12 +11,15 @@ import socket
 import subprocess
 import sys
 import time
+from io import BytesIO
 from pathlib import Path
 
 import pydicom
 import requests
 import yaml
 from pydicom.uid import generate_uid
+from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.sop_class import MRImageStorage
 
 from training.phantom.generator import PhantomOptions, generate_study
 
@@ -68,6 +71,27 @@ def wait_for(predicate, timeout: float = 60, interval: float = 0.2, what: str = 
             return value
         time.sleep(interval)
     raise TimeoutError(f"{what} not reached after {timeout} s")
+
+
+def raw_c_store(assoc, sop_instance_uid: str, payload: bytes, msg_id: int, sop_class_uid: str = MRImageStorage) -> int:
+    """Send a C-STORE on the MR Image Storage context whose dataset bytes are given as they are (to
+    send what SCUs would refuse); `sop_class_uid` is the SOP class its command names. Returns the status."""
+    req = C_STORE()
+    req.MessageID = msg_id
+    req.AffectedSOPClassUID = sop_class_uid
+    req.AffectedSOPInstanceUID = sop_instance_uid
+    req.Priority = 2
+    req.DataSet = BytesIO(payload)
+    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
+    assoc._reactor_checkpoint.clear()  # pause the reactor as pynetdicom's own send_c_store does
+    while not assoc._is_paused:
+        time.sleep(0.0001)
+    try:
+        assoc.dimse.send_msg(req, cx.context_id)
+        _, rsp = assoc.dimse.get_msg(block=True)
+    finally:
+        assoc._reactor_checkpoint.set()
+    return int(rsp.Status)
 
 
 class NodeProcess:

@@ -23,7 +23,7 @@ from dicomnode.config import NodeConfig
 from dicomnode.cstore import COMMAND, LAST, p_data_tf
 from dicomnode.scp import StoreSCP
 from dicomnode.storage import Identity, Storage
-from tests.node_helpers import free_port, wait_for
+from tests.node_helpers import free_port, raw_c_store, wait_for
 
 
 def mr_instance(study: str, series: str) -> Dataset:
@@ -105,19 +105,8 @@ def test_what_the_reader_does_not_understand_goes_to_pynetdicom(listener) -> Non
     """A command naming another SOP class than its context: pynetdicom serves it, the same handler stores it."""
     scp, assoc, stored, seen_by_pynetdicom = listener
     ds = mr_instance(generate_uid(), generate_uid())
-    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
-    req = C_STORE()
-    req.MessageID, req.Priority = 7, 2
-    req.AffectedSOPClassUID, req.AffectedSOPInstanceUID = CTImageStorage, ds.SOPInstanceUID
-    req.DataSet = BytesIO(encode(ds, False, True))
-    assoc._reactor_checkpoint.clear()  # pause the SCU's reactor as its own send_c_store does
-    wait_for(lambda: assoc._is_paused, 5, interval=0.001)
-    try:
-        assoc.dimse.send_msg(req, cx.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
-    assert rsp.Status == 0 and seen_by_pynetdicom
+    status = raw_c_store(assoc, ds.SOPInstanceUID, encode(ds, False, True), 7, sop_class_uid=CTImageStorage)
+    assert status == 0 and seen_by_pynetdicom
     assert [i.sop_instance_uid for i in stored] == [ds.SOPInstanceUID]
 
 

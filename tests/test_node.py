@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 import urllib.request
-from io import BytesIO
 from pathlib import Path
 
 import pydicom
@@ -32,6 +31,7 @@ from tests.node_helpers import (
     dicomnode_env,
     free_port,
     phantom_series,
+    raw_c_store,
     wait_for,
 )
 
@@ -74,26 +74,6 @@ def test_echoscu_and_storescu_study_plus_500_instances(node: NodeProcess, tmp_pa
         assert pydicom.dcmread(path, stop_before_pixels=True).SeriesInstanceUID == series_uid
 
 
-def _raw_store(assoc, sop_instance_uid: str, payload: bytes, msg_id: int) -> int:
-    """Send a C-STORE whose dataset bytes are given as they are (to send what SCUs would refuse)."""
-    req = C_STORE()
-    req.MessageID = msg_id
-    req.AffectedSOPClassUID = MRImageStorage
-    req.AffectedSOPInstanceUID = sop_instance_uid
-    req.Priority = 2
-    req.DataSet = BytesIO(payload)
-    cx = next(c for c in assoc.accepted_contexts if c.abstract_syntax == MRImageStorage)
-    assoc._reactor_checkpoint.clear()  # pause the reactor as pynetdicom's own send_c_store does
-    while not assoc._is_paused:
-        time.sleep(0.0001)
-    try:
-        assoc.dimse.send_msg(req, cx.context_id)
-        _, rsp = assoc.dimse.get_msg(block=True)
-    finally:
-        assoc._reactor_checkpoint.set()
-    return int(rsp.Status)
-
-
 def _encode(ds: pydicom.Dataset) -> bytes:
     return encode(ds, False, True)  # explicit VR little endian, as negotiated
 
@@ -114,16 +94,16 @@ def test_bad_input_gets_a_status_and_loses_nothing_else(node: NodeProcess, tmp_p
         assert [c.abstract_syntax for c in assoc.rejected_contexts] == ["1.2.3.4.5.6.7.8"]
         assert int(assoc.send_c_store(good[0]).Status) == 0
         encoded = _encode(good[1])
-        assert _raw_store(assoc, str(good[1].SOPInstanceUID), encoded[:-1000], 11) == 0xC210  # pixel data cut
-        assert _raw_store(assoc, str(good[1].SOPInstanceUID), encoded[:400], 15) == 0xC211  # cut before the UIDs
+        assert raw_c_store(assoc, str(good[1].SOPInstanceUID), encoded[:-1000], 11) == 0xC210  # pixel data cut
+        assert raw_c_store(assoc, str(good[1].SOPInstanceUID), encoded[:400], 15) == 0xC211  # cut before the UIDs
         no_uid = copy.deepcopy(good[1])
         del no_uid.SOPInstanceUID
-        assert _raw_store(assoc, "1.2.3.4", _encode(no_uid), 12) == 0xC211
+        assert raw_c_store(assoc, "1.2.3.4", _encode(no_uid), 12) == 0xC211
         path_like = copy.deepcopy(good[1])
         path_like.SOPInstanceUID = "../../x"
-        assert _raw_store(assoc, "../../x", _encode(path_like), 13) == 0xC211
+        assert raw_c_store(assoc, "../../x", _encode(path_like), 13) == 0xC211
         mismatch = copy.deepcopy(good[1])
-        assert _raw_store(assoc, "1.2.3.999", _encode(mismatch), 14) == 0xA900
+        assert raw_c_store(assoc, "1.2.3.999", _encode(mismatch), 14) == 0xA900
         assert int(assoc.send_c_store(good[1]).Status) == 0  # the association still works
     finally:
         assoc.release()

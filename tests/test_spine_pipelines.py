@@ -12,7 +12,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from pipelines.lordosis import measure
+from pipelines.lordosis import measure, midline_slice
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
@@ -64,7 +64,7 @@ def test_the_midline_slice_does_not_follow_s1(lumbar_studies: list[Path]) -> Non
     scans) leaves the angles measured on the midline slice of L1-L5."""
     series, labels, _ = series_and_truth(lumbar_studies[1])
     clean = {a.span: a for a in measure(labels, series).angles}
-    side = int(np.argmax(np.isin(labels, [LABEL_VALUES[n] for n in NAMED[:5]]).sum(axis=(1, 2)))) + 2
+    side = midline_slice(labels) + 2
     s1_top = np.nonzero((labels[side] == LABEL_VALUES["S1"]).any(axis=1))[0].min()
     marked = labels.copy()
     marked[side, s1_top:][marked[side, s1_top:] == 0] = LABEL_VALUES["S1"]
