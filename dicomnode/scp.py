@@ -298,7 +298,6 @@ class StoreSCP:
                 return SOP_MISMATCH
             _check_pixel_length(ds, UID(request.transfer_syntax))
             header = part10_header(ident.sop_class_uid, ident.sop_instance_uid, request.transfer_syntax, calling)
-            data = header + request.encoded
         except (InvalidInstance, TruncatedInstance) as e:
             log.warning("C-STORE from %s refused: %s", calling, e)
             self.audit.write("refused", calling_ae=calling, reason=str(e))
@@ -308,7 +307,7 @@ class StoreSCP:
             self.audit.write("refused", calling_ae=calling, reason=f"undecodable dataset ({type(e).__name__})")
             return CANNOT_UNDERSTAND
         try:
-            outcome = self.storage.store(data, ident, lambda: routing_attributes(ds), calling)
+            outcome = self.storage.store((header, request.encoded), ident, lambda: routing_attributes(ds), calling)
         except OSError as e:
             log.error("C-STORE from %s failed: cannot write to storage (%s)", calling, e.strerror)
             return OUT_OF_RESOURCES
