@@ -34,6 +34,7 @@ BODY, S1, DISC, CANAL = 1, 2, 3, 4
 LUMBAR = ["L5", "L4", "L3", "L2", "L1"]  # counted up from S1
 MIN_BODY_MM3, MIN_S1_MM3, MIN_DISC_MM3 = 1500.0, 1500.0, 250.0
 MIN_FRACTION = 0.3  # of a typical body: smaller is a fragment; of a typical disc: too little to be a mobile disc
+SACRUM_SIZE = 2.0  # bone marked S1 this many typical bodies large is the sacrum, not a body (with a sliver of S1) taken for S1
 S1_CONTACT = 0.05  # share of a body's voxels next to S1 above which it is part of S1
 SPLIT_MM = 3.0  # erosion that separates vertebral bodies touching through misclassified pixels
 MAX_STEP_MM = 60.0  # centre-to-centre distance beyond which a vertebra is missing, not the next one
@@ -207,11 +208,11 @@ def _between(discs: list[Component], lower: np.ndarray, upper: np.ndarray) -> li
 Discs = list[tuple[float, int]]  # height (patient mm) and voxel count of each disc component
 
 
-def _disc_between(discs: Discs, lower: float, upper: float) -> bool:
-    """Whether the disc voxels centred between heights `lower` and `upper` add up to a good part of
-    a typical disc: fragments of one disc add up; a scrap of the S1/S2 remnant does not."""
+def _disc_between(discs: Discs, lower: float, upper: float, share: float = MIN_FRACTION) -> bool:
+    """Whether the disc voxels centred between heights `lower` and `upper` add up to `share` of a
+    typical disc: fragments of one disc add up; a scrap of the S1/S2 remnant does not."""
     voxels = sum(n for z, n in discs if lower < z < upper)
-    return voxels > 0 and voxels >= MIN_FRACTION * _typical([n for _, n in discs])
+    return voxels > 0 and voxels >= share * _typical([n for _, n in discs])
 
 
 def _typical(sizes: list[int]) -> float:
@@ -219,7 +220,16 @@ def _typical(sizes: list[int]) -> float:
     return float(np.median(sorted(sizes, reverse=True)[:5]))
 
 
-def _find_s1(marked: list[Component], bodies: list[Component], discs: Discs, problems: list[str]) -> Component | None:
+def _s1_disc_share(s1: np.ndarray, typical_body: float) -> float:
+    """How much of a typical disc must lie between bone marked S1 and a body above it for that body
+    to be mobile (L5), not part of S1. Bone marked S1 at least the size of a typical body is the
+    sacrum in view, not a scrap: then any disc component will do, as the L5/S1 disc is often thin
+    and partly missed (VB3_32, VB3_39: L5 was taken for S1)."""
+    return 0.0 if s1.sum() >= typical_body else MIN_FRACTION
+
+
+def _find_s1(marked: list[Component], bodies: list[Component], discs: Discs, typical_body: float,
+             problems: list[str]) -> Component | None:
     """S1, in order of confidence: the largest S1-class component with a disc between it and the
     nearest vertebral body above it; else the lowest body with a disc above it and none below it
     (below S1 the sacrum is fused: there is no mobile disc; a field of view ending inside S1 leaves
@@ -229,7 +239,7 @@ def _find_s1(marked: list[Component], bodies: list[Component], discs: Discs, pro
     reach = [(s, [b for b in bodies if 0 < b[1][2] - s[1][2] and np.linalg.norm(b[1] - s[1]) <= MAX_STEP_MM])
              for s in marked]
     for s, above in reach:
-        if above and _disc_between(discs, s[1][2], min(b[1][2] for b in above)):
+        if above and _disc_between(discs, s[1][2], min(b[1][2] for b in above), _s1_disc_share(s[0], typical_body)):
             return s
     ordered = sorted(bodies, key=lambda b: b[1][2])
     for (mask, centre), upper in zip(ordered, ordered[1:]):
@@ -241,13 +251,15 @@ def _find_s1(marked: list[Component], bodies: list[Component], discs: Discs, pro
     return next((s for s, above in reach if above), None)
 
 
-def _lumbar_above_a_disc(classes: np.ndarray, marked: list[Component], discs: Discs,
+def _lumbar_above_a_disc(classes: np.ndarray, marked: list[Component], discs: Discs, typical_body: float,
                          problems: list[str]) -> tuple[np.ndarray, list[Component]]:
     """The classes with every S1-marked component that has a mobile disc below it marked vertebral
     body instead, and the S1-marked components left: below S1 the sacrum is fused, so that is L5 (a
     network that learned S1 as the bone at the lower edge of real images marks L5 so when the image
-    ends inside the L5/S1 disc or S1)."""
-    moved = [c for c in marked if _disc_between(discs, c[1][2] - MAX_STEP_MM / 2, c[1][2])]
+    ends inside the L5/S1 disc or S1). Not bone far larger than a body: that is the sacrum, and
+    what lies under it are pieces of the S1/S2 remnant disc (fold 2's VB3_15)."""
+    moved = [c for c in marked if c[0].sum() < SACRUM_SIZE * typical_body
+             and _disc_between(discs, c[1][2] - MAX_STEP_MM / 2, c[1][2])]
     if not moved:
         return classes, marked
     classes = classes.copy()
@@ -281,20 +293,25 @@ def name_levels(classes: np.ndarray, series: Series) -> Labelled:
     discs = _components(classes == DISC, v, MIN_DISC_MM3, series)
     heights = [(float(d[1][2]), int(d[0].sum())) for d in discs]
     marked = _components(classes == S1, v, MIN_S1_MM3, series)
-    classes, marked = _lumbar_above_a_disc(classes, marked, heights, out.problems)
     candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
-    if candidates:  # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
-        typical = _typical([int(c[0].sum()) for c in candidates])
-        candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical]
-    s1 = _find_s1(marked, candidates, heights, out.problems)
+    typical_body = _typical([int(c[0].sum()) for c in candidates]) if candidates else np.inf
+    classes, left = _lumbar_above_a_disc(classes, marked, heights, typical_body, out.problems)
+    if len(left) < len(marked):
+        candidates = _components(classes == BODY, v, MIN_BODY_MM3, series, SPLIT_MM)
+        typical_body = _typical([int(c[0].sum()) for c in candidates]) if candidates else np.inf
+    marked = left
+    # fragments (a posterior element, a piece of S1 taken for a body) are far smaller than bodies
+    candidates = [c for c in candidates if c[0].sum() >= MIN_FRACTION * typical_body]
+    s1 = _find_s1(marked, candidates, heights, typical_body, out.problems)
     if s1 is not None:
         s1_mask, s1_centre = s1
+        s1_share = _s1_disc_share(s1_mask, typical_body)
         near_s1 = ndimage.binary_dilation(s1_mask, ndimage.generate_binary_structure(3, 1))
 
         def part_of_s1(c: Component) -> bool:
             """A "body" sharing a long border with S1 and no disc between them is S1 the network was unsure of."""
             touching = (c[0] & near_s1).sum() >= S1_CONTACT * c[0].sum()
-            return c[0] is s1_mask or (touching and not _disc_between(heights, s1_centre[2], c[1][2]))
+            return c[0] is s1_mask or (touching and not _disc_between(heights, s1_centre[2], c[1][2], s1_share))
 
         s1_parts = [c for c in candidates if part_of_s1(c)]
         for comp, _ in [(s1_mask, s1_centre), *s1_parts]:
