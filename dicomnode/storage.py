@@ -160,14 +160,14 @@ class Storage(Database):
     def path_for(self, ident: Identity) -> Path:
         return self.root / "instances" / ident.study_uid / ident.series_uid / f"{ident.sop_instance_uid}.dcm"
 
-    def store(self, data: bytes | Sequence[bytes], ident: Identity, attributes: Callable[[], dict[str, Any]],
+    def store(self, data: bytes | bytearray | memoryview | Sequence[bytes], ident: Identity, attributes: Callable[[], dict[str, Any]],
               calling_ae: str) -> str:
         """Write and index one instance (its bytes, or pieces of them to be written one after
         another); returns "stored", "replaced" or "duplicate" (kept first).
 
         `attributes` (what rules match on) is called only for the first instance of a series.
         """
-        chunks = [data] if isinstance(data, bytes) else data
+        chunks = [data] if isinstance(data, (bytes, bytearray, memoryview)) else data
         final = self.path_for(ident)
         with self._lock:
             exists = self._db.execute("SELECT 1 FROM instances WHERE sop_instance_uid=?", (ident.sop_instance_uid,)).fetchone()

@@ -58,6 +58,8 @@ def test_an_instance_given_in_pieces_is_stored_whole(tmp_path: Path) -> None:
     assert s.store((b"header", b"data set" * 1000), ident(1), dict, "A") == "stored"
     assert s.path_for(ident(1)).read_bytes() == b"header" + b"data set" * 1000
     assert s.instance("1.2.3.9.1")["size"] == 8006
+    assert s.store(bytearray(b"one buffer"), ident(2), dict, "A") == "stored"
+    assert s.path_for(ident(2)).read_bytes() == b"one buffer"
 
 
 def test_rows_queued_during_a_commit_share_the_next_one_and_its_failure(tmp_path: Path) -> None:
