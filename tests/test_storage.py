@@ -68,17 +68,21 @@ def test_rows_queued_during_a_commit_share_the_next_one_and_its_failure(tmp_path
     def row(i: int, size: object = 1) -> _Row:
         return _Row((f"1.2.3.9.{i}", "1.2.840.10008.5.1.4.1.1.4", "1.2.3", "1.2.3.1", "x", size, 0.0, "A"), "{}")
 
-    for rows in ([row(1), row(2), row(3)], [row(4), row(5, size=object()), row(6)]):
+    def queued_behind_a_commit(rows: list[_Row]) -> list[BaseException | None]:
         with ThreadPoolExecutor(3) as pool:
             with s._lock:  # a commit in progress: the three queue up behind it
                 futures = [pool.submit(s._index, r) for r in rows]
                 wait_for_queue = time.monotonic() + 5
                 while len(s._queue) < 3 and time.monotonic() < wait_for_queue:
                     time.sleep(0.01)
-        errors = [f.exception() for f in futures]
-    assert all(r.done for r in rows)
-    assert s.series("1.2.3.1")["n_instances"] == 3  # the first three, in one transaction
+        assert all(r.done for r in rows)
+        return [f.exception() for f in futures]
+
+    assert queued_behind_a_commit([row(1), row(2), row(3)]) == [None, None, None]
+    assert s.series("1.2.3.1")["n_instances"] == 3
+    errors = queued_behind_a_commit([row(4), row(5, size=object()), row(6)])
     assert all(isinstance(e, sqlite3.Error) for e in errors)  # one bad row: none of its batch is indexed
+    assert s.series("1.2.3.1")["n_instances"] == 3
 
 
 def test_eight_threads_store_and_every_row_counts(tmp_path: Path) -> None:
