@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from scipy import ndimage
 
-from pipelines.lordosis import measure, midline_slice
+from pipelines.lordosis import central_slices, measure, midline_slice
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
@@ -60,18 +61,50 @@ def test_lordosis_from_the_truth_masks_matches_the_truth_angles(lumbar_studies: 
 
 
 def test_the_midline_slice_does_not_follow_s1(lumbar_studies: list[Path]) -> None:
-    """S1 marked far into the sacrum on a slice beside the midline (what a network does on real
-    scans) leaves the angles measured on the midline slice of L1-L5."""
+    """S1 marked far into the sacrum on the slices to one side of the central ones (what a network
+    does on real scans) leaves the angles measured on the slices through the midline of L1-L5."""
     series, labels, _ = series_and_truth(lumbar_studies[1])
     clean = {a.span: a for a in measure(labels, series).angles}
-    side = midline_slice(labels) + 2
-    s1_top = np.nonzero((labels[side] == LABEL_VALUES["S1"]).any(axis=1))[0].min()
+    central = central_slices(labels, series.slice_spacing)
+    assert central[0] == midline_slice(labels) and 1 < len(central) and max(central) + 1 < len(labels)
+    side = slice(max(central) + 1, None)
+    s1_top = np.nonzero((labels[central[0]] == LABEL_VALUES["S1"]).any(axis=1))[0].min()
     marked = labels.copy()
     marked[side, s1_top:][marked[side, s1_top:] == 0] = LABEL_VALUES["S1"]
     angles = measure(marked, series).angles
     assert [a.span for a in angles] == list(clean) == ["L1-S1", "L1-L5"]
     for a in angles:
         assert a.sop_instance_uid == clean[a.span].sop_instance_uid and a.degrees == clean[a.span].degrees, a.span
+
+
+def test_one_slice_with_a_tilted_body_does_not_move_the_angle(lumbar_studies: list[Path]) -> None:
+    """L5 turned 20 deg on the midline slice alone (a segmentation slip on one slice): the angle is
+    the median over the central slices, so it stays where it was, and the lines reported lie on the
+    slice whose angle is reported."""
+    series, labels, _ = series_and_truth(lumbar_studies[2])
+    clean = {a.span: a for a in measure(labels, series).angles}
+    k = midline_slice(labels)
+    l5 = labels[k] == LABEL_VALUES["L5"]
+    rows, cols = np.nonzero(l5)
+    turned = ndimage.rotate(l5.astype(float), 20, reshape=False, order=0) > 0.5
+    turned = ndimage.shift(turned.astype(float), (rows.mean() - np.nonzero(turned)[0].mean(),
+                                                  cols.mean() - np.nonzero(turned)[1].mean()), order=0) > 0.5
+    tilted = labels.copy()
+    tilted[k][l5] = 0
+    tilted[k][turned & (tilted[k] == 0)] = LABEL_VALUES["L5"]
+    def on_midline(lab: np.ndarray) -> float:
+        return next(a.degrees for a in measure(lab[k:k + 1], series).angles if a.span == "L1-L5")
+
+    assert abs(on_midline(tilted) - on_midline(labels)) > 5  # the slip is real on that slice
+    angles = {a.span: a for a in measure(tilted, series).angles}
+    assert abs(angles["L1-L5"].degrees - clean["L1-L5"].degrees) < 1.0
+    for a in angles.values():
+        slice_index = series.uids.index(a.sop_instance_uid)
+        directions = [np.array([(ln.end[1] - ln.start[1]) * series.spacing[0], (ln.end[0] - ln.start[0]) * series.spacing[1]])
+                      for ln in a.lines]
+        cos = abs(np.dot(*directions)) / np.prod([np.linalg.norm(d) for d in directions])
+        assert np.degrees(np.arccos(min(cos, 1.0))) == pytest.approx(a.degrees, abs=0.01)
+        assert slice_index != k or a.span != "L1-L5"
 
 
 def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> None:
