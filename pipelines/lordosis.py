@@ -198,5 +198,5 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, series.datasets, model.algorithm, options, angles=m.angles)
 
 
-register(Pipeline("lordosis", run, device="gpu", version="1.0", model_dir=spine_seg.MODEL_DIR,
+register(Pipeline("lordosis", run, device="gpu", version="1.1", model_dir=spine_seg.MODEL_DIR,
                   load_model=spine_seg.load_model))

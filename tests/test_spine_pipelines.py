@@ -260,6 +260,27 @@ def test_the_shipped_model_folder_describes_itself() -> None:
     assert (MODEL_DIR / "model.pt").stat().st_size < 10e6
 
 
+def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    """The shipped model runs on three working grids; its probabilities are their mean, back on the
+    series grid, and a folder that names no grids runs on its training grid alone."""
+    series, _, _ = series_and_truth(lumbar_studies[3])
+    model = Model(MODEL_DIR)
+    assert model.grids_mm == [0.9, 1.0, 1.1]
+    together = model.probabilities(series)
+    apart = []
+    for grid in model.grids_mm:
+        model.grids_mm = [grid]
+        apart.append(model.probabilities(series))
+    assert together.shape == apart[0].shape == (5, *series.volume.shape)
+    np.testing.assert_allclose(together, np.mean(apart, axis=0), atol=1e-5)
+    np.testing.assert_allclose(together.sum(axis=0), 1.0, atol=1e-3)
+    assert np.abs(apart[0] - apart[2]).max() > 0.1  # the grids do differ
+    description = {k: v for k, v in model.description.items() if k != "test_time_grids_mm"}
+    (tmp_path / "model.json").write_text(json.dumps(description))
+    (tmp_path / "model.pt").symlink_to(MODEL_DIR / "model.pt")
+    assert Model(tmp_path).grids_mm == [1.0]
+
+
 def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp_path: Path) -> None:
     study = lumbar_studies[5]
     root = Path(__file__).resolve().parents[1]

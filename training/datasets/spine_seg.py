@@ -22,6 +22,10 @@ IGNORE = 255
 # Partial knowledge: the class is unknown but it is certainly not this one (254 - class index).
 NOT_BODY, NOT_DISC = 254 - 1, 254 - 3
 GRID_MM = 1.0
+# Inference averages the class probabilities over working grids a tenth finer and coarser as well
+# (inside the training's 0.85-1.2 scale augmentation): on three held-out folds it raised real disc
+# Dice by 0.008-0.013 and phantom disc Dice by 0.007-0.010 against the 1 mm grid alone.
+TEST_TIME_GRIDS_MM = (0.9, 1.0, 1.1)
 PHANTOM_DATA_VERSION = 2  # part of the training cache's name: raise it when the phantom changes (2: S1/S2 remnant disc)
 
 _PHANTOM_LUT = np.zeros(256, dtype=np.uint8)

@@ -80,6 +80,7 @@ def write_ensemble(members: list[Path], found: dict, out: Path, version: str) ->
     description = {
         "name": first["name"], "version": version, "framework": "weighted-average ensemble of " + first["framework"],
         "classes": first["classes"], "grid_mm": first["grid_mm"], "normalisation": first["normalisation"],
+        "test_time_grids_mm": first.get("test_time_grids_mm", [first["grid_mm"]]),
         "levels": first["levels"],
         "members": [{"folder": n, "weight": w} for n, w in zip(names, found["weights"])],
         "training": {"phantom_seeds": sorted({s for t in training for s in t["phantom_seeds"]}),

@@ -21,7 +21,7 @@ from training.trainers.common import augment, git_commit, masked_ce_dice, optimi
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.2"  # 1.2: real share 0.6, S1 labelled in the real cases from 1.1 (--s1-from)
+VERSION = "1.3"  # 1.2: real share 0.6, S1 labelled in the real cases from 1.1 (--s1-from); 1.3: three test-time grids
 
 
 @dataclass
@@ -136,6 +136,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         "network": {"spatial_dims": 2, "in_channels": 2 * cfg.context + 1, "context_slices": cfg.context,
                     "channels": list(cfg.channels), "num_res_units": 1},
         "classes": list(data.CLASSES), "grid_mm": data.GRID_MM,
+        "test_time_grids_mm": list(data.TEST_TIME_GRIDS_MM),
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
         "levels": "named after inference by anatomy: bodies counted up from S1 (L5, L4, ...), discs between them",
         "training": {**asdict(cfg), "phantom_slices": len(phantom.images), "real_slices": len(real.images),
