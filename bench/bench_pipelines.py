@@ -17,6 +17,7 @@ import os
 import platform
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from datetime import date
@@ -25,12 +26,14 @@ from typing import Callable
 
 import numpy as np
 
-from dicomnode.config import load_config
-from dicomnode.process import process_folder
-from pipelines import degeneration, herniation, lordosis, marrow, spine_seg
-from structured_reports.model import ResultOptions
-from training.phantom.acquisition import acquisitions
-from training.phantom.generator import PhantomOptions, design_study, generate_study
+# this checkout's code, not the editable install's (a worktree of an older commit is run this way)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dicomnode.config import load_config  # noqa: E402
+from dicomnode.process import process_folder  # noqa: E402
+from pipelines import degeneration, herniation, lordosis, marrow, spine_seg  # noqa: E402
+from structured_reports.model import ResultOptions  # noqa: E402
+from training.phantom.acquisition import acquisitions  # noqa: E402
+from training.phantom.generator import PhantomOptions, design_study, generate_study  # noqa: E402
 
 OPTIONS = PhantomOptions(contrasts=("T2",), max_matrix=512)
 ALL = ("spine-seg", "lordosis", "marrow", "disc-herniation", "degeneration")

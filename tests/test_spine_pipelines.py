@@ -92,6 +92,7 @@ def test_one_slice_with_a_tilted_body_does_not_move_the_angle(lumbar_studies: li
     tilted = labels.copy()
     tilted[k][l5] = 0
     tilted[k][turned & (tilted[k] == 0)] = LABEL_VALUES["L5"]
+
     def on_midline(lab: np.ndarray) -> float:
         return next(a.degrees for a in measure(lab[k:k + 1], series).angles if a.span == "L1-L5")
 
