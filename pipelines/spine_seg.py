@@ -88,35 +88,35 @@ class Model:
         self.algorithm = Algorithm(f"dicomnode {self.description['name']}", self.description["version"])
 
     @staticmethod
-    def grid(series: Series, grid_mm: float) -> tuple[np.ndarray, tuple[int, int]]:
-        """The normalised series on a working grid, padded for the U-Net; and the unpadded size."""
-        from training.datasets.spine_seg import normalise, to_grid
+    def grid(volume: np.ndarray, spacing: tuple[float, float], grid_mm: float) -> tuple[np.ndarray, tuple[int, int]]:
+        """A normalised [slice, row, col] volume on a working grid, padded for the U-Net; and the unpadded size."""
+        from training.datasets.spine_seg import to_grid
         from training.trainers.common import pad_to
 
-        volume = normalise(series.volume)
-        return pad_to(np.stack([to_grid(s, series.spacing, order=1, grid=grid_mm) for s in volume]))
+        return pad_to(np.stack([to_grid(s, spacing, order=1, grid=grid_mm) for s in volume]))
 
     def probabilities(self, series: Series, batch: int = 8) -> np.ndarray:
         """Class probabilities [class, slice, row, col] on the series' own grid: each member's on
         each of the model's working grids (`test_time_grids_mm`), weighted and averaged."""
         import torch
 
-        rows, cols = series.volume.shape[1:]
-        total = None
+        from training.datasets.spine_seg import normalise
+
+        volume = normalise(series.volume)
+        slices, rows, cols = volume.shape
+        total = np.zeros((slices, len(self.description["classes"]), rows, cols), dtype=np.float32)
         with torch.inference_mode():
             for grid_mm in self.grids_mm:
-                padded, (r, c) = self.grid(series, grid_mm)
-                out = []
-                for i in range(0, len(padded), batch):
+                padded, (r, c) = self.grid(volume, series.spacing, grid_mm)
+                for i in range(0, slices, batch):
                     k = slice(i, i + batch)
                     p = sum(w * torch.softmax(m.logits(padded, k), dim=1) for m, w in self.members)
                     # back to the series grid (pixel centres aligned, edges held) where the network ran:
                     # scipy's 4-D zoom of the whole stack took 3.3 s of a 7.3 s spine-seg + lordosis run
                     p = torch.nn.functional.interpolate(p[:, :, :r, :c], size=(rows, cols), mode="bilinear", align_corners=False)
-                    out.append(p.float().cpu().numpy())
-                grid_p = np.concatenate(out)
-                total = grid_p if total is None else np.add(total, grid_p, out=total)
-        return (total / len(self.grids_mm)).transpose(1, 0, 2, 3)  # class, slice, row, col
+                    total[k] += p.float().cpu().numpy()
+        total /= len(self.grids_mm)
+        return total.transpose(1, 0, 2, 3)  # class, slice, row, col
 
     def explain(self, series: Series, k: int, class_index: int, region: np.ndarray) -> np.ndarray:
         """Grad-CAM on slice k of the summed `class_index` logit inside `region` (a mask on the
@@ -124,11 +124,11 @@ class Model:
         import torch
 
         from pipelines.explain import grad_cam, segmentation_decision
-        from training.datasets.spine_seg import to_grid
+        from training.datasets.spine_seg import normalise, to_grid
         from training.trainers.common import pad_to
 
         grid_mm = float(self.description["grid_mm"])
-        padded, (r, c) = self.grid(series, grid_mm)
+        padded, (r, c) = self.grid(normalise(series.volume), series.spacing, grid_mm)
         where, _ = pad_to(to_grid(region.astype(np.uint8), series.spacing, order=0, grid=grid_mm))
         x = torch.from_numpy(self.explained.inputs(padded, slice(k, k + 1))).to(self.device)
         cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, segmentation_decision(class_index, where))[:r, :c]
