@@ -79,6 +79,8 @@ def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
         for a in report.angles:
             print(f"    lordosis {a.span}: {a.degrees:.1f} deg (truth {truth['lordosis_deg'][a.span]:.1f})"
                   + (f", {a.category}" if a.category else ""))
+        for span in report.unmeasured:
+            print(f"    lordosis {span}: not measured (in the SR as \"Measurement failure\")")
         print(f"  result: {png}")
         summary.update({"seg": str(seg_files[0]), "sr": str(sr_files[0]), "angles": {a.span: a.degrees for a in report.angles},
                         "result_png": str(png)})

@@ -143,6 +143,7 @@ def central_slices(labels: np.ndarray, slice_spacing: float, half_width_mm: floa
 class Measured:
     angles: list[Angle]
     problems: list[str]
+    unmeasured: list[str]  # spans not measured; the SR says so
 
 
 def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> dict[tuple[str, str], Endplate | None]:
@@ -166,8 +167,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
     is reported, so the lines shown on that image give the number reported."""
     per_slice = {k: _endplates(labels[k], series.spacing) for k in central_slices(labels, series.slice_spacing)}
-    problems = []
-    angles = []
+    problems, angles, unmeasured = [], [], []
     for span, (a, b) in SPANS.items():
         measured = sorted((angle_between(p[a], p[b]), k) for k, p in per_slice.items()  # type: ignore[arg-type]
                           if p[a] is not None and p[b] is not None)
@@ -176,13 +176,14 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
             what = f"{', '.join(missing)} not found" if missing else f"{a[0]} and {b[0]} not found together"
             problems.append(f"lordosis {span} not measured: {what} on the slices through the vertebral midline "
                             f"(outside the field of view or not recognised)")
+            unmeasured.append(span)
             continue
         deg, k = measured[(len(measured) - 1) // 2]
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
                             category(deg, thresholds) if span == "L1-S1" else None))
-    return Measured(angles, problems)
+    return Measured(angles, problems, unmeasured)
 
 
 def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
@@ -193,9 +194,8 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     spine_seg.write_findings(out, {"lordosis": {"series": series.description, **{a.span: a.degrees for a in m.angles},
                                       "category": next((a.category for a in m.angles if a.category), None),
                                       "problems": labelled.problems + m.problems}})
-    if not m.angles:
-        return []
-    return write_results(out, series.datasets, model.algorithm, options, angles=m.angles)
+    # an angle not measured is in the SR too, without a value: the radiologist sees it was tried
+    return write_results(out, series.datasets, model.algorithm, options, angles=m.angles, unmeasured=m.unmeasured)
 
 
 register(Pipeline("lordosis", run, device="gpu", version="1.1", model_dir=spine_seg.MODEL_DIR,

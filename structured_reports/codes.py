@@ -114,6 +114,8 @@ ANGLES = {
     "L1-L5": private("LLA-L1L5", "Lumbar lordosis angle L1-L5"),
 }
 ENDPLATE_LINE = private("EPL", "Vertebral endplate line")
+# CID 42 Numeric Value Qualifier: an angle attempted and not measured has no value, only this
+MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
 
 # ---------------------------------------------------------------- units, report, algorithms, maps
 DEGREE = Code("deg", "UCUM", "Degree")

@@ -94,3 +94,4 @@ class Report:
 
     findings: list[Finding] = field(default_factory=list)
     angles: list[Angle] = field(default_factory=list)
+    unmeasured: list[str] = field(default_factory=list)  # lordosis spans attempted and not measured

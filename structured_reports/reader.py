@@ -63,7 +63,7 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
     report = Report()
     for group in _groups(sr):
         kind = level = grade = None
-        probability, region, segment, angles = None, None, None, []
+        probability, region, segment, angles, unmeasured = None, None, None, [], []
         for item in group.ContentSequence:
             concept = _key(item)
             if concept == FINDING:
@@ -74,6 +74,8 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
                 grade = _lookup(codes.GRADES, item, "grade")
             elif item.ValueType == "NUM" and concept == (codes.PROBABILITY.value, codes.PROBABILITY.scheme_designator):
                 probability = float(item.MeasuredValueSequence[0].NumericValue)
+            elif item.ValueType == "NUM" and not item.get("MeasuredValueSequence"):
+                unmeasured.append(_span(item))
             elif item.ValueType == "NUM":
                 angles.append(_angle(item))
             elif item.ValueType == "SCOORD" and concept == IMAGE_REGION:
@@ -89,6 +91,7 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
             # the lordosis category is defined on the L1-S1 angle (hypo / normal / hyper thresholds)
             report.angles += [Angle(a.span, a.degrees, a.sop_instance_uid, a.lines, grade if a.span == "L1-S1" else None)
                               for a in angles]
+            report.unmeasured += unmeasured
         elif kind is not None and level is not None and probability is not None:
             report.findings.append(Finding(kind, level, probability, grade, region, segment))
     return report
@@ -107,8 +110,12 @@ def _groups(sr: Dataset) -> list[Dataset]:
     return found
 
 
+def _span(item: Dataset) -> str:
+    return next(k for k, c in codes.ANGLES.items() if (c.value, c.scheme_designator) == _key(item))
+
+
 def _angle(item: Dataset) -> Angle:
-    span = next(k for k, c in codes.ANGLES.items() if (c.value, c.scheme_designator) == _key(item))
+    span = _span(item)
     lines, uid = [], ""
     for child in item.ContentSequence:
         if child.ValueType == "SCOORD":

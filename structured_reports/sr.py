@@ -1,6 +1,8 @@
 """TID 1500 Measurement Report in a Comprehensive 3D SR: a measurement group per finding (site,
 coded finding, grade, probability, image region or SEG segment) and one for the lumbar lordosis
-(angles in degrees with their endplate lines as POLYLINEs on the slice they were measured on)."""
+(angles in degrees with their endplate lines as POLYLINEs on the slice they were measured on; an
+angle that could not be measured, L1 or S1 outside the field of view say, is there without a value,
+qualified "Measurement failure", so the radiologist's viewer shows that it was tried)."""
 
 from __future__ import annotations
 
@@ -72,17 +74,39 @@ def segment_number(seg: Dataset, structure: str) -> int:
     raise ValueError(f"the SEG has no segment {label!r}")
 
 
-def _lordosis_group(angles: Sequence[Angle], sources: dict[str, Dataset], algo: hd.sr.AlgorithmIdentification):
+def _angle_code(span: str) -> Code:
+    if span not in codes.ANGLES:
+        raise KeyError(f"unknown angle {span!r}; known: {', '.join(codes.ANGLES)}")
+    return codes.ANGLES[span]
+
+
+def _failed(span: str, algo: hd.sr.AlgorithmIdentification) -> hd.sr.Measurement:
+    """The angle's NUM item qualified "Measurement failure"; `_drop_failed_values` removes its value."""
+    return hd.sr.Measurement(_angle_code(span), 0.0, codes.DEGREE, qualifier=codes.MEASUREMENT_FAILURE, algorithm_id=algo)
+
+
+def _drop_failed_values(items: Sequence[Dataset]) -> None:
+    """highdicom writes (and reads back) every NUM item with a value; a failed measurement has none:
+    the Measured Value Sequence is Type 2, left empty, and the qualifier says why (PS3.3, Numeric Measurement Macro)."""
+    for item in items:
+        qualifier = item.get("NumericValueQualifierCodeSequence")
+        if item.ValueType == "NUM" and qualifier and qualifier[0].CodeValue == codes.MEASUREMENT_FAILURE.value:
+            item.MeasuredValueSequence = []
+        if "ContentSequence" in item:
+            _drop_failed_values(item.ContentSequence)
+
+
+def _lordosis_group(angles: Sequence[Angle], unmeasured: Sequence[str], sources: dict[str, Dataset],
+                    algo: hd.sr.AlgorithmIdentification):
     measurements = []
     for a in angles:
-        if a.span not in codes.ANGLES:
-            raise KeyError(f"unknown angle {a.span!r}; known: {', '.join(codes.ANGLES)}")
         lines = [hd.sr.CoordinatesForMeasurement(hd.sr.GraphicTypeValues.POLYLINE,
                                                  np.array([ln.start, ln.end], dtype=float),
                                                  _source(sources, a.sop_instance_uid), purpose=codes.ENDPLATE_LINE)
                  for ln in a.lines]
-        measurements.append(hd.sr.Measurement(codes.ANGLES[a.span], round(float(a.degrees), 3), codes.DEGREE,
+        measurements.append(hd.sr.Measurement(_angle_code(a.span), round(float(a.degrees), 3), codes.DEGREE,
                                               algorithm_id=algo, referenced_coordinates=lines))
+    measurements += [_failed(span, algo) for span in unmeasured]
     category = next((a.category for a in angles if a.category), None)
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking("lumbar lordosis"), finding_type=codes.FINDINGS["lumbar_lordosis"],
@@ -91,8 +115,9 @@ def _lordosis_group(angles: Sequence[Angle], sources: dict[str, Dataset], algo: 
 
 
 def build_sr(sources: Sequence[Dataset], findings: Sequence[Finding], angles: Sequence[Angle], algorithm: Algorithm,
-             seg: Dataset | None = None) -> hd.sr.Comprehensive3DSR:
-    """The report of one run over `sources` (all one study); `seg` is the SEG that volumetric findings cite."""
+             seg: Dataset | None = None, unmeasured: Sequence[str] = ()) -> hd.sr.Comprehensive3DSR:
+    """The report of one run over `sources` (all one study); `seg` is the SEG that volumetric findings cite;
+    `unmeasured` the lordosis spans ("L1-S1", "L1-L5") tried and not measured."""
     check_sources(sources)
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     algo = hd.sr.AlgorithmIdentification(algorithm.name, algorithm.version)
@@ -101,10 +126,12 @@ def build_sr(sources: Sequence[Dataset], findings: Sequence[Finding], angles: Se
     context = hd.sr.ObservationContext(observer_device_context=hd.sr.ObserverContext(
         observer_type=Code("121007", "DCM", "Device"), observer_identifying_attributes=device))
     groups = [_finding_group(f, by_uid, seg, algo) for f in findings]
-    if angles:
-        groups.append(_lordosis_group(angles, by_uid, algo))
+    if angles or unmeasured:
+        groups.append(_lordosis_group(angles, unmeasured, by_uid, algo))
     report = hd.sr.MeasurementReport(observation_context=context, procedure_reported=codes.IMAGING_PROCEDURE,
                                      imaging_measurements=groups or None)
     evidence = list(sources) + ([seg] if seg is not None else [])
-    return hd.sr.Comprehensive3DSR(evidence=evidence, content=report[0], **new_series("sr"), **equipment(algorithm),
-                                   is_complete=True, is_final=False, is_verified=False, coding_schemes=[PRIVATE_SCHEME])
+    sr = hd.sr.Comprehensive3DSR(evidence=evidence, content=report[0], **new_series("sr"), **equipment(algorithm),
+                                 is_complete=True, is_final=False, is_verified=False, coding_schemes=[PRIVATE_SCHEME])
+    _drop_failed_values(sr.ContentSequence)
+    return sr

@@ -15,9 +15,9 @@ from structured_reports.sr import build_sr
 
 def write_results(out: Path, sources: Sequence[Dataset], algorithm: Algorithm, options: ResultOptions = ResultOptions(), *,
                   segments: Sequence[Segment] = (), findings: Sequence[Finding] = (), angles: Sequence[Angle] = (),
-                  explanations: Sequence[Explanation] = ()) -> list[Path]:
-    """SEG (if segments), SR (if findings or angles; citing the SEG) and one explanation object per
-    map, written to `out` as <kind>.dcm / gradcam-<n>.dcm; returns the paths."""
+                  unmeasured: Sequence[str] = (), explanations: Sequence[Explanation] = ()) -> list[Path]:
+    """SEG (if segments), SR (if findings, angles or angles not measured; citing the SEG) and one
+    explanation object per map, written to `out` as <kind>.dcm / gradcam-<n>.dcm; returns the paths."""
     out.mkdir(parents=True, exist_ok=True)
     objects: list[tuple[str, Dataset]] = []
     seg = None
@@ -25,8 +25,8 @@ def write_results(out: Path, sources: Sequence[Dataset], algorithm: Algorithm, o
         seg = build_seg(sources, segments, algorithm, fractional=options.seg_fractional,
                         omit_empty_frames=options.seg_omit_empty_frames)
         objects.append(("seg", seg))
-    if findings or angles:
-        objects.append(("sr", build_sr(sources, findings, angles, algorithm, seg=seg)))
+    if findings or angles or unmeasured:
+        objects.append(("sr", build_sr(sources, findings, angles, algorithm, seg=seg, unmeasured=unmeasured)))
     by_uid = {str(ds.SOPInstanceUID): ds for ds in sources}
     build = {"parametric_map": build_gradcam_map, "secondary_capture": build_gradcam_overlay}[options.explanations]
     for n, e in enumerate(explanations, start=1):

@@ -175,6 +175,33 @@ def test_dcmqi_places_every_segment_on_the_truth_in_patient_space(built: list[Bu
     assert worst == 1.0
 
 
+def test_an_angle_not_measured_is_in_the_report_without_a_value(built: list[Built], tmp_path: Path) -> None:
+    """L1 or S1 outside the field of view: the angle is there, empty, qualified "Measurement failure"
+    (CID 42), so a viewer shows it was tried; dciodvfy, dsrdump and dcmqi read it, and so do we."""
+    t = built[0].truth
+    [l1_s1] = [a for a in t.angles if a.span == "L1-S1"]
+    for angles, unmeasured in (([l1_s1], ["L1-L5"]), ([], ["L1-S1", "L1-L5"])):
+        path = tmp_path / f"sr-{len(angles)}.dcm"
+        build_sr(t.sources, [], angles, ALGORITHM, unmeasured=unmeasured).save_as(path)
+        assert dciodvfy_errors(path) == []
+        dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
+        for span in unmeasured:
+            assert f'"Lumbar lordosis angle {span}")=empty (114006,DCM,"Measurement failure")' in dump
+        out = tmp_path / f"sr-{len(angles)}.json"
+        r = subprocess.run([str(BIN / "tid1500reader"), "--inputDICOM", str(path), "--outputMetadata", str(out)],
+                           capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr
+        [group] = json.loads(out.read_text())["Measurements"]
+        values = {i["quantity"]["CodeMeaning"]: i["value"] for i in group["measurementItems"]}
+        assert values == {**{f"Lumbar lordosis angle {a.span}": f"{round(a.degrees, 3):g}" for a in angles},
+                          **{f"Lumbar lordosis angle {s}": "" for s in unmeasured}}
+        report = read_sr(pydicom.dcmread(path))
+        assert [a.span for a in report.angles] == [a.span for a in angles] and report.unmeasured == unmeasured
+        assert (report.angles[0].category is not None) if angles else not group.get("qualitativeEvaluations")
+    with pytest.raises(KeyError, match="unknown angle 'L2-S1'"):
+        build_sr(t.sources, [], [], ALGORITHM, unmeasured=["L2-S1"])
+
+
 def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(built: list[Built], tmp_path: Path) -> None:
     orthanc = Orthanc(tmp_path, {}).start()
     try:

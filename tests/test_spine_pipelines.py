@@ -135,6 +135,7 @@ def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> 
     assert any("only 4 lumbar vertebral bodies" in p for p in named.problems)
     m = measure(named.labels, series)
     assert m.angles == [] and all("L1 not found" in p for p in m.problems)
+    assert m.unmeasured == ["L1-S1", "L1-L5"]  # and the SR carries both without a value (test_result_objects)
 
 
 def test_naming_holds_when_s1_is_cut_and_bodies_touch(lumbar_studies: list[Path]) -> None:
@@ -280,6 +281,28 @@ def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: lis
     (tmp_path / "model.json").write_text(json.dumps(description))
     (tmp_path / "model.pt").symlink_to(MODEL_DIR / "model.pt")
     assert Model(tmp_path).grids_mm == [1.0]
+
+
+def test_a_series_without_a_spine_gets_an_sr_that_says_no_angle_was_measured(lumbar_studies: list[Path],
+                                                                             tmp_path: Path) -> None:
+    """Not silence: the radiologist's viewer shows both angles tried and failed, not a missing report."""
+    from pipelines import lordosis, spine_seg
+    from structured_reports.model import ResultOptions
+    from structured_reports.reader import read_sr
+
+    files = []
+    for f in sorted((lumbar_studies[0] / "dicom" / "series_1").glob("*.dcm")):
+        ds = pydicom.dcmread(f)
+        ds.PixelData = np.zeros_like(ds.pixel_array).tobytes()  # a sagittal MR series with nothing in it
+        ds.save_as(tmp_path / f.name)
+        files.append(tmp_path / f.name)
+    assert spine_seg.run(files, tmp_path / "seg", ResultOptions()) == []
+    [sr] = lordosis.run(files, tmp_path / "lordosis", ResultOptions())
+    assert dciodvfy_errors(sr) == []
+    report = read_sr(pydicom.dcmread(sr))
+    assert report.angles == [] and report.unmeasured == ["L1-S1", "L1-L5"]
+    problems = json.loads((tmp_path / "lordosis" / "findings.json").read_text())["lordosis"]["problems"]
+    assert any("S1 is not in the field of view" in p for p in problems)
 
 
 def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp_path: Path) -> None:
