@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 from pipelines.explain import crop_to_slice
 from pipelines.marrow import MODEL_DIR, Model, fuse
@@ -106,6 +107,8 @@ def test_training_writes_a_model_folder_that_classifies(tmp_path: Path) -> None:
     cfg = MarrowConfig(train_seeds=list(range(6000, 6010)), validation_seeds=[6160, 6161], iterations=15, jitter=1,
                        widths=(8, 16, 32, 64), depths=(1, 1, 1, 1), workers=1)
     folder = train(cfg, tmp_path / "marrow", tmp_path / "cache")
+    machine = json.loads((folder / "model.json").read_text())["machine"]  # weights repeat on the same CPU kind only
+    assert machine["cpu"] and machine["torch"] == torch.__version__ and machine["threads"] >= 1
     model = Model(folder)
     crops = np.random.default_rng(0).random((4, 3, CROP, CROP), dtype=np.float32)
     p = model.probabilities(crops)

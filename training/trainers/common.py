@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import platform
 import random
 import subprocess
 from collections.abc import Callable
@@ -149,11 +150,22 @@ def pad_to(image: np.ndarray, multiple: int = 16, value: float = 0.0) -> tuple[n
     return np.pad(image, pad, constant_values=value), (r, c)
 
 
+def machine() -> dict[str, Any]:
+    """What trained a model. A training command repeats bit for bit on the same kind of CPU and
+    libraries only (one recipe gave other weights on another processor kind), so this is recorded."""
+    cpuinfo = Path("/proc/cpuinfo")
+    names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+             if ln.startswith("model name")] if cpuinfo.exists() else []
+    return {"cpu": names[0] if names else platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__}
+
+
 def write_model_folder(folder: Path, state: dict[str, torch.Tensor], description: dict[str, Any]) -> None:
-    """Weights in half precision (a few MB) and the description beside them."""
+    """Weights in half precision (a few MB) and the description beside them, with the machine that trained them."""
     folder.mkdir(parents=True, exist_ok=True)
     torch.save({k: v.half() if v.is_floating_point() else v for k, v in state.items()}, folder / "model.pt")
-    (folder / "model.json").write_text(json.dumps(description, indent=1))
+    (folder / "model.json").write_text(json.dumps({**description, "machine": machine()}, indent=1))
 
 
 def read_description(folder: Path) -> dict[str, Any]:
