@@ -24,6 +24,9 @@ THRESHOLDS = (39.0, 53.0)  # seed 003: hypolordosis < 39 <= normal <= 53 < hyper
 # Each angle is the median over the slices this close to the midline: on manual masks of real scans
 # one angle moves 2.9 deg (mean) from one 2 mm slice to the next, so a single slice is noise.
 CENTRAL_MM = 8.0
+# L1-S1 is L1-L5 plus the L5/S1 segment, which is lordotic (the phantom's 2.4-28 deg); an L1-S1 this much
+# smaller than L1-L5 means a wrong S1 endplate line (5 of 38 held-out real studies with spine-seg 1.3, no phantom)
+IMPLAUSIBLE_DEG = 5.0
 SPANS = {"L1-S1": (("L1", "superior"), ("S1", "superior")), "L1-L5": (("L1", "superior"), ("L5", "inferior"))}
 
 
@@ -183,6 +186,13 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
                             category(deg, thresholds) if span == "L1-S1" else None))
+    by_span = {a.span: a for a in angles}
+    if {"L1-S1", "L1-L5"} <= set(by_span) and by_span["L1-S1"].degrees < by_span["L1-L5"].degrees - IMPLAUSIBLE_DEG:
+        problems.append(f"lordosis L1-S1 not reported: {by_span['L1-S1'].degrees:.1f} deg is less than L1-L5's "
+                        f"{by_span['L1-L5'].degrees:.1f} deg, which the L5/S1 segment's lordosis makes larger; the S1 "
+                        f"endplate line is not trusted (check S1 on the image)")
+        angles.remove(by_span["L1-S1"])
+        unmeasured.insert(0, "L1-S1")
     return Measured(angles, problems, unmeasured)
 
 

@@ -60,6 +60,29 @@ def test_lordosis_from_the_truth_masks_matches_the_truth_angles(lumbar_studies: 
     assert len(errors) == 2 * len(lumbar_studies) and max(errors) < 3.0 and np.mean(errors) < 1.0
 
 
+def test_an_l1_s1_angle_smaller_than_l1_l5_is_not_reported(lumbar_studies: list[Path]) -> None:
+    """Bodies drawn as tilted rectangles, L1 level and L5 at 25 deg: with S1 at 40 deg both angles are
+    reported; with S1 turned back to 3 deg (L1-S1 3 against L1-L5 25) the L5/S1 segment would be
+    kyphotic by 22 deg, so the S1 line is wrong: L1-S1 is not reported (nor a class), and it says why."""
+    series, labels, _ = series_and_truth(lumbar_studies[0])
+    rows, cols = labels.shape[1:]
+    tilts = {"L1": 0.0, "L2": 5.0, "L3": 10.0, "L4": 15.0, "L5": 25.0}
+    for s1_tilt, reported in ((40.0, True), (3.0, False)):
+        drawn = np.zeros_like(labels)
+        for i, (level, tilt) in enumerate({**tilts, "S1": s1_tilt}.items()):
+            body = _tilted_body((rows, cols), (rows * (0.12 + 0.15 * i), cols / 2), tilt, 0.09 * rows, 0.125 * rows)
+            drawn[:, body] = LABEL_VALUES[level]
+        m = measure(drawn, series)
+        angles = {a.span: a for a in m.angles}
+        assert abs(angles["L1-L5"].degrees - 25) < 2
+        if reported:
+            assert abs(angles["L1-S1"].degrees - 40) < 2 and angles["L1-S1"].category == "normal_lordosis"
+            assert m.problems == [] and m.unmeasured == []
+        else:
+            assert "L1-S1" not in angles and m.unmeasured == ["L1-S1"]
+            assert any("L1-S1 not reported" in p and "S1 endplate line is not trusted" in p for p in m.problems)
+
+
 def test_the_midline_slice_does_not_follow_s1(lumbar_studies: list[Path]) -> None:
     """S1 marked far into the sacrum on the slices to one side of the central ones (what a network
     does on real scans) leaves the angles measured on the slices through the midline of L1-L5."""
