@@ -146,7 +146,11 @@ def central_slices(labels: np.ndarray, slice_spacing: float, half_width_mm: floa
 class Measured:
     angles: list[Angle]
     problems: list[str]
-    unmeasured: list[str]  # spans not measured; the SR says so
+
+    @property
+    def unmeasured(self) -> list[str]:
+        """The spans not measured or withheld: the SR lists them without a value."""
+        return [span for span in SPANS if span not in {a.span for a in self.angles}]
 
 
 def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> dict[tuple[str, str], Endplate | None]:
@@ -170,7 +174,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
     is reported, so the lines shown on that image give the number reported."""
     per_slice = {k: _endplates(labels[k], series.spacing) for k in central_slices(labels, series.slice_spacing)}
-    problems, angles, unmeasured = [], [], []
+    problems, angles = [], []
     for span, (a, b) in SPANS.items():
         measured = sorted((angle_between(p[a], p[b]), k) for k, p in per_slice.items()  # type: ignore[arg-type]
                           if p[a] is not None and p[b] is not None)
@@ -179,7 +183,6 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
             what = f"{', '.join(missing)} not found" if missing else f"{a[0]} and {b[0]} not found together"
             problems.append(f"lordosis {span} not measured: {what} on the slices through the vertebral midline "
                             f"(outside the field of view or not recognised)")
-            unmeasured.append(span)
             continue
         deg, k = measured[(len(measured) - 1) // 2]
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
@@ -192,8 +195,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
                         f"{by_span['L1-L5'].degrees:.1f} deg, which the L5/S1 segment's lordosis makes larger; the S1 "
                         f"endplate line is not trusted (check S1 on the image)")
         angles.remove(by_span["L1-S1"])
-        unmeasured.insert(0, "L1-S1")
-    return Measured(angles, problems, unmeasured)
+    return Measured(angles, problems)
 
 
 def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:

@@ -90,7 +90,9 @@ def _drop_failed_values(items: Sequence[Dataset]) -> None:
     the Measured Value Sequence is Type 2, left empty, and the qualifier says why (PS3.3, Numeric Measurement Macro)."""
     for item in items:
         qualifier = item.get("NumericValueQualifierCodeSequence")
-        if item.ValueType == "NUM" and qualifier and qualifier[0].CodeValue == codes.MEASUREMENT_FAILURE.value:
+        failed = bool(qualifier) and (qualifier[0].CodeValue, qualifier[0].CodingSchemeDesignator) == \
+            (codes.MEASUREMENT_FAILURE.value, codes.MEASUREMENT_FAILURE.scheme_designator)
+        if item.ValueType == "NUM" and failed:
             item.MeasuredValueSequence = []
         if "ContentSequence" in item:
             _drop_failed_values(item.ContentSequence)
