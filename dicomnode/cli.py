@@ -253,6 +253,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg.real_fraction = args.real_fraction
     if args.real_dir:
         cfg.real_dir = args.real_dir
+    if args.channels:
+        cfg.channels = tuple(args.channels)
     ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
     cfg.real_cases = ids if args.fold < 0 else split(ids, args.fold)[0]
     out = train(cfg, Path(args.out), Path(args.cache))
@@ -405,6 +407,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")
+    tr.add_argument("--channels", type=int, nargs="+", metavar="N", help="spine-seg: U-Net feature channels per "
+                    "resolution level (default 16 32 64 128 256; wider costs training and inference time)")
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
     tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
     tr.set_defaults(func=_train)
