@@ -245,7 +245,7 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
-                         fov_end=args.fov_end, s1_from=args.s1_from)
+                         fov_end=args.fov_end, s1_from=args.s1_from, init_from=args.init_from)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -255,6 +255,9 @@ def _train(args: argparse.Namespace) -> int:
         cfg.real_dir = args.real_dir
     if args.channels:
         cfg.channels = tuple(args.channels)
+    cfg.lr = args.lr or cfg.lr
+    if args.dice_weight is not None:
+        cfg.dice_weight = args.dice_weight
     ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
     cfg.real_cases = ids if args.fold < 0 else split(ids, args.fold)[0]
     out = train(cfg, Path(args.out), Path(args.cache))
@@ -404,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "view is made to end inside S1, as most real sagittal series do (default 0: 1.1's recipe)")
     tr.add_argument("--s1-from", metavar="MODEL_DIR", help="spine-seg: label S1 in the real training cases where "
                     "this trained model folder marks bone just below the labelled L5 (no real case labels the sacrum)")
+    tr.add_argument("--init-from", metavar="MODEL_DIR", help="spine-seg: start from this trained model folder's "
+                    "weights (fine-tuning; network width and context must match)")
+    tr.add_argument("--lr", type=float, help="spine-seg: peak learning rate of the one-cycle schedule (default 2e-3)")
+    tr.add_argument("--dice-weight", type=float, help="spine-seg: weight of the soft Dice term beside "
+                    "cross-entropy (default 1; 0: cross-entropy alone)")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")

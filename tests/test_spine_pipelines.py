@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -15,13 +16,13 @@ from scipy import ndimage
 
 from pipelines.lordosis import central_slices, measure, midline_slice
 from pipelines.series import NoUsableSeries, Series, pick_series
-from pipelines.spine_seg import MIN_FRACTION, MODEL_DIR, Model, name_levels
+from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_env, free_port, wait_for
 from training.datasets.spine_seg import phantom_classes
 from training.evaluation.ensemble import weight_grid, write_ensemble
 from training.evaluation.metrics import dice
-from training.evaluation.spine_seg import evaluate, recall_by_cut
+from training.evaluation.spine_seg import edge_offsets, evaluate, recall_by_cut
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 
@@ -425,6 +426,15 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     series, _, _ = series_and_truth(lumbar_studies[0])
     probs = Model(folder).probabilities(series)
     assert probs.shape == (5, *series.volume.shape) and np.allclose(probs.sum(axis=0), 1, atol=1e-4)
+    # fine-tuning starts from the folder's weights: a step too small to move them leaves them as they were
+    tuned = train(replace(cfg, init_from=str(folder), iterations=1, lr=1e-12, dice_weight=0.0), tmp_path / "tuned",
+                  tmp_path / "cache")
+    weights = torch_load(tuned / "model.pt")
+    assert all(weights[k].equal(v) for k, v in after.items() if "running" not in k and "num_batches" not in k)
+    assert json.loads((tuned / "model.json").read_text())["training"]["dice_weight"] == 0.0
+    with pytest.raises(ValueError, match="cannot start from"):  # before any rendering: a new cache stays empty
+        train(replace(cfg, init_from=str(folder), channels=(4, 16)), tmp_path / "wider", tmp_path / "cache-2")
+    assert not (tmp_path / "cache-2").exists()
 
 
 def test_training_with_a_wrong_s1_from_folder_stops_before_rendering(tmp_path: Path) -> None:
@@ -456,6 +466,19 @@ def test_real_recall_is_split_by_how_fully_each_slice_cuts_the_structure() -> No
         "central (>= 0.8)": (100, 100), "0.5-0.8": (35, 70), "lateral (< 0.5)": (0, 30)}}
     discs = np.where(truth > 0, LABEL_VALUES["L1/L2"], 0).astype(np.uint8)
     assert recall_by_cut(classes, discs)["disc"]["lateral (< 0.5)"] == (30, 30)
+
+
+def test_real_edge_offsets_say_which_side_of_a_structure_we_draw_inside_or_beyond_the_manual_edge() -> None:
+    truth = np.zeros((3, 50, 50), np.uint8)
+    truth[:, 5:35, 5:35] = LABEL_VALUES["L2"]
+    classes = np.zeros_like(truth)
+    classes[:, 6:35, 5:37] = BODY  # superior edge 1 px inside, posterior edge 2 px beyond, the rest on the line
+    classes[2] = 0  # a slice where nothing was found is a miss, not an edge
+    offsets = edge_offsets(classes, truth, (1.0, 1.0))["vertebral body"]
+    assert {side: float(np.median(v)) for side, v in offsets.items()} == {
+        "superior": -1.0, "inferior": 0.0, "anterior": 0.0, "posterior": 2.0}
+    assert len(offsets["inferior"]) == 2 * 28  # two slices, the inferior edge less its two corner pixels
+    assert edge_offsets(classes, truth, (0.5, 0.5))["vertebral body"]["posterior"][10] == 0.5 * offsets["posterior"][10]
 
 
 def _tilted_body(shape: tuple[int, int], centre: tuple[float, float], degrees: float,

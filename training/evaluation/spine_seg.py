@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from scipy import ndimage
 from tqdm import tqdm
 
 from pipelines.lordosis import category, measure
@@ -45,6 +46,7 @@ class StudyResult:
     problems: list[str] = field(default_factory=list)
     # real cases: {labelled kind: {slice cut: (voxels found, voxels labelled)}}, see recall_by_cut
     recall_by_cut: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
+    edge_offsets: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # see edge_offsets
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -72,6 +74,7 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
     if known is not None:  # real cases: each labelled structure against its best-matching output structure
         r.dice.update(component_dice(pred, truth, series))
         r.recall_by_cut = recall_by_cut(pred.classes, truth)
+        r.edge_offsets = edge_offsets(pred.classes, truth, series.spacing)
     return r
 
 
@@ -82,9 +85,7 @@ def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str,
     """Where the labelled voxels are missed: each sagittal slice by its labelled area over the largest
     slice's (1: through the middle of the structures, small: grazing their sides), as (found, labelled)
     voxels of the labelled kind (a body found as body or S1, a disc as disc)."""
-    bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= UNNAMED_BASE)
-    discs = np.isin(truth, [LABEL_VALUES[n] for n in DISCS])
-    kind, labelled, found = ("vertebral body", bodies, np.isin(classes, (BODY, S1))) if bodies.any() else ("disc", discs, classes == DISC)
+    kind, labelled, found = _kind(classes, truth)
     area = labelled.sum(axis=(1, 2))
     out = dict.fromkeys(CUTS, (0, 0))
     for k in np.nonzero(area)[0]:
@@ -93,6 +94,43 @@ def recall_by_cut(classes: np.ndarray, truth: np.ndarray) -> dict[str, dict[str,
         hit, n = out[cut]
         out[cut] = (hit + int((found[k] & labelled[k]).sum()), n + int(area[k]))
     return {kind: out}
+
+
+SIDES = ("superior", "inferior", "anterior", "posterior")
+
+
+def edge_offsets(classes: np.ndarray, truth: np.ndarray, spacing: tuple[float, float]) -> dict[str, dict[str, list[float]]]:
+    """How far our boundary lies beyond (+) or inside (-) the manual one, in mm, at each labelled
+    boundary pixel of the central slices (labelled area >= 0.8 of the largest slice's, where we found
+    that kind at all), by the side of the structure it is on: whether Dice is lost to an edge drawn
+    elsewhere rather than to structures or slices missed.
+    Real cases only: rows run superior to inferior, columns anterior to posterior (`case_to_dicom`)."""
+    kind, labelled, found = _kind(classes, truth)
+    pixel = min(spacing)
+    out: dict[str, list[float]] = {side: [] for side in SIDES}
+    for value in np.unique(truth[labelled]):
+        t = truth == value
+        area = t.sum(axis=(1, 2))
+        for k in np.nonzero((area >= 0.8 * area.max()) & found.any(axis=(1, 2)))[0]:
+            inside = ndimage.distance_transform_edt(found[k], sampling=spacing) - pixel
+            outside = ndimage.distance_transform_edt(~found[k], sampling=spacing)
+            offset = np.where(found[k], inside, -outside)
+            rows, cols = np.nonzero(t[k])
+            r, c = np.nonzero(t[k] & ~ndimage.binary_erosion(t[k]))
+            dr, dc = (r - rows.mean()) / max(np.ptp(rows), 1), (c - cols.mean()) / max(np.ptp(cols), 1)  # in box units
+            across = np.abs(dr) > np.abs(dc)
+            for side, on in zip(SIDES, (across & (dr < 0), across & (dr > 0), ~across & (dc < 0), ~across & (dc > 0))):
+                out[side] += offset[r[on], c[on]].tolist()
+    return {kind: out}
+
+
+def _kind(classes: np.ndarray, truth: np.ndarray) -> tuple[str, np.ndarray, np.ndarray]:
+    """The labelled kind of a real case, its labelled voxels and the voxels we found of that kind
+    (a body found as body or S1, a disc as disc)."""
+    bodies = np.isin(truth, [LABEL_VALUES[n] for n in BODIES]) | (truth >= UNNAMED_BASE)
+    if bodies.any():
+        return "vertebral body", bodies, np.isin(classes, (BODY, S1))
+    return "disc", np.isin(truth, [LABEL_VALUES[n] for n in DISCS]), classes == DISC
 
 
 def component_dice(pred: Labelled, truth: np.ndarray, series: Series) -> dict[str, float]:
@@ -199,6 +237,10 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
         if counts:
             metrics["real"][f"{kind} recall by slice"] = {
                 cut: sum(c[cut][0] for c in counts) / max(sum(c[cut][1] for c in counts), 1) for cut in CUTS}
+        offsets = [r.edge_offsets[kind] for r in real if kind in r.edge_offsets]
+        if offsets:
+            metrics["real"][f"{kind} edge offset mm"] = {
+                side: float(np.mean([x for o in offsets for x in o[side]] or [np.nan])) for side in SIDES}
     for span in ("L1-S1", "L1-L5"):
         pairs = [(r.angles[span], r.reference_angles[span]) for r in phantom if span in r.angles]
         if len(pairs) > 1:
@@ -261,6 +303,9 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         if f"{kind} recall by slice" in m["real"]:
             shares = ", ".join(f"{cut} {_fmt(v)}" for cut, v in m["real"][f"{kind} recall by slice"].items())
             lines.append(f"- Real {kind} recall by sagittal slice, by its labelled area over the largest slice's: {shares}.")
+        if f"{kind} edge offset mm" in m["real"]:
+            sides = ", ".join(f"{side} {v:+.2f}" for side, v in m["real"][f"{kind} edge offset mm"].items())
+            lines.append(f"- Real {kind} edge, ours beyond (+) or inside (-) the manual one, mm (central slices): {sides}.")
     for key, where in (("angle_L1-S1", "phantom"), ("angle_L1-L5", "phantom"), ("angle_L1-L5", "real")):
         a = m[where].get(key)
         if a:

@@ -71,11 +71,11 @@ def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
         return "unknown"
 
 
-def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> torch.Tensor:
+def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy plus soft Dice over the pixels whose class is known (target < number of
     classes); `ignore` teaches nothing; values between the classes and `ignore` say "not class
     254 - value" and add -log(1 - p) of that class. What a partially labelled case does not label
-    is never taught as background."""
+    is never taught as background. `dice_weight` scales the Dice term (0: cross-entropy alone)."""
     n = logits.shape[1]
     known = target < n
     ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore)
@@ -93,7 +93,7 @@ def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int) -> t
     denom = probk.sum(dim=(0, 2, 3)) + onehot.sum(dim=(0, 2, 3))
     present = onehot.sum(dim=(0, 2, 3)) > 0
     dice = 1 - (2 * inter + 1e-5) / (denom + 1e-5)
-    return loss + (dice[present].mean() if present.any() else 0 * ce)
+    return loss + dice_weight * (dice[present].mean() if present.any() else 0 * ce)
 
 
 def batched(fn: Any, x: np.ndarray, batch: int = 256) -> np.ndarray:

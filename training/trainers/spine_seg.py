@@ -17,7 +17,8 @@ from tqdm import tqdm
 from pipelines.spine_seg import Network
 from training.datasets import spine_seg as data
 from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, load_cases
-from training.trainers.common import augment, git_commit, masked_ce_dice, optimise, pad_to, seed_everything, write_model_folder
+from training.trainers.common import (augment, git_commit, masked_ce_dice, optimise, pad_to, read_model_folder, seed_everything,
+                                      write_model_folder)
 
 log = logging.getLogger("dicomnode.train")
 
@@ -40,6 +41,8 @@ class SpineSegConfig:
     run_rows: bool = True  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
     fov_end: float = 0.0  # share of phantom slices whose field of view ends inside S1, as real series do
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
+    dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
+    init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
     seed: int = 0
     workers: int = 2
 
@@ -100,9 +103,16 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
     rng = seed_everything(cfg.seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
+    net = network(cfg.channels, 2 * cfg.context + 1)
+    if cfg.init_from:  # a folder that does not fit fails before the rendering
+        state, described = read_model_folder(Path(cfg.init_from))
+        theirs = (described["network"]["channels"], described["network"]["in_channels"])
+        if theirs != (list(cfg.channels), 2 * cfg.context + 1):
+            raise ValueError(f"cannot start from {cfg.init_from}: its network has channels {theirs[0]} and "
+                             f"{theirs[1]} input slices, this run {list(cfg.channels)} and {2 * cfg.context + 1}")
+        net.load_state_dict(state)
     phantom, real = collect(cfg, cache)
     log.info("training on %d phantom and %d real slices", len(phantom.images), len(real.images))
-    net = network(cfg.channels, 2 * cfg.context + 1)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     start, losses = 0, []
@@ -125,7 +135,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
             xr, yr = _batch(real, n_real, rng, cfg.crop)
             xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
         logits = net(torch.from_numpy(xs))
-        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE)
+        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight)
         optimise(loss, opt, sched, losses, bar)
         if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
             out.mkdir(parents=True, exist_ok=True)
