@@ -74,8 +74,10 @@ def test_case_as_dicom_is_valid_and_reads_back(case_id: str, tmp_path: Path) -> 
     assert truth["series"][0]["label_values"] == case.label_values()
 
 
-def test_case_paths_lists_every_npz() -> None:
+def test_case_paths_lists_every_npz_and_refuses_a_folder_without_any(tmp_path: Path) -> None:
     assert len(case_paths()) == 54
+    with pytest.raises(FileNotFoundError, match="DICOMNODE_REAL_DIR"):
+        case_paths(tmp_path)
 
 
 def test_what_the_level_names_imply_beyond_the_labels() -> None:

@@ -437,12 +437,16 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     assert not (tmp_path / "cache-2").exists()
 
 
-def test_training_with_a_wrong_s1_from_folder_stops_before_rendering(tmp_path: Path) -> None:
+def test_training_with_a_wrong_s1_from_folder_or_real_data_stops_before_rendering(tmp_path: Path) -> None:
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=1, s1_from=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError, match="is not a model folder"):
         train(cfg, tmp_path / "model", tmp_path / "cache")
+    with pytest.raises(ValueError, match=r"real cases \['VB3_99'\] are not in"):
+        train(replace(cfg, s1_from=None, real_cases=["VB3_02", "VB3_99"]), tmp_path / "model", tmp_path / "cache")
+    with pytest.raises(FileNotFoundError, match="no real cases"):  # a wrong data folder: no phantom-only training
+        train(replace(cfg, s1_from=None, real_dir=str(tmp_path)), tmp_path / "model", tmp_path / "cache")
     assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
 
 

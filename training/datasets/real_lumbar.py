@@ -56,7 +56,12 @@ class RealCase:
 
 
 def case_paths(root: Path = DEFAULT_DIR) -> list[Path]:
-    return sorted(Path(root).glob("*.npz"))
+    """Every case file in `root`; none at all is an error, not an empty training or test set."""
+    paths = sorted(Path(root).glob("*.npz"))
+    if not paths:
+        raise FileNotFoundError(f"no real cases (*.npz) in {root}: put ../shared/data/real_lumbar beside the "
+                                f"clone, or point DICOMNODE_REAL_DIR (or --real-dir) at it")
+    return paths
 
 
 def load_case(path: Path) -> RealCase:

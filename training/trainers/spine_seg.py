@@ -57,6 +57,10 @@ def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: in
 def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
     """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
     s1_from = Network(Path(cfg.s1_from), "cpu") if cfg.s1_from else None  # a wrong folder fails before the rendering
+    cases = [c for c in load_cases(Path(cfg.real_dir)) if cfg.real_cases is None or c.case_id in cfg.real_cases]
+    missing = sorted(set(cfg.real_cases or []) - {c.case_id for c in cases})
+    if missing:
+        raise ValueError(f"real cases {missing} are not in {cfg.real_dir}")
     suffix = f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
     phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
@@ -70,7 +74,6 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
                 phantom.extend(s)
         data.save(phantom, phantom_file)
     real = data.Slices([], [], [])
-    cases = [c for c in load_cases(Path(cfg.real_dir)) if cfg.real_cases is None or c.case_id in cfg.real_cases]
     for case in tqdm(cases, desc="real cases", unit="case", disable=s1_from is None):
         s1 = data.s1_below_l5(case, classes_of(s1_from, case)) if s1_from else None
         real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows, s1))
