@@ -241,7 +241,7 @@ def _train(args: argparse.Namespace) -> int:
             cfg.data_dir = args.data
         print(f"model folder written: {module.train(cfg, Path(args.out), Path(args.cache))}")
         return 0
-    from training.datasets.real_lumbar import load_cases, split
+    from training.datasets.real_lumbar import case_paths, split
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
@@ -258,7 +258,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg.lr = args.lr or cfg.lr
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight
-    ids = [c.case_id for c in load_cases(Path(cfg.real_dir))]
+    ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
     cfg.real_cases = ids if args.fold < 0 else split(ids, args.fold)[0]
     out = train(cfg, Path(args.out), Path(args.cache))
     print(f"model folder written: {out}")

@@ -106,12 +106,12 @@ def edge_offsets(classes: np.ndarray, truth: np.ndarray, spacing: tuple[float, f
     elsewhere rather than to structures or slices missed.
     Real cases only: rows run superior to inferior, columns anterior to posterior (`case_to_dicom`)."""
     kind, labelled, found = _kind(classes, truth)
-    pixel = min(spacing)
+    pixel, any_found = min(spacing), found.any(axis=(1, 2))
     out: dict[str, list[float]] = {side: [] for side in SIDES}
     for value in np.unique(truth[labelled]):
         t = truth == value
         area = t.sum(axis=(1, 2))
-        for k in np.nonzero((area >= 0.8 * area.max()) & found.any(axis=(1, 2)))[0]:
+        for k in np.nonzero((area >= 0.8 * area.max()) & any_found)[0]:
             inside = ndimage.distance_transform_edt(found[k], sampling=spacing) - pixel
             outside = ndimage.distance_transform_edt(~found[k], sampling=spacing)
             offset = np.where(found[k], inside, -outside)

@@ -102,20 +102,28 @@ def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
+def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
+    """The `init_from` folder's weights, if any, once its network is known to match this run's."""
+    if not cfg.init_from:
+        return None
+    state, described = read_model_folder(Path(cfg.init_from))
+    theirs = (described["network"]["channels"], described["network"]["in_channels"])
+    if theirs != (list(cfg.channels), 2 * cfg.context + 1):
+        raise ValueError(f"cannot start from {cfg.init_from}: its network has channels {theirs[0]} and "
+                         f"{theirs[1]} input slices, this run {list(cfg.channels)} and {2 * cfg.context + 1}")
+    return state
+
+
 def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
     rng = seed_everything(cfg.seed)
     torch.set_num_threads(max(torch.get_num_threads(), 1))
-    net = network(cfg.channels, 2 * cfg.context + 1)
-    if cfg.init_from:  # a folder that does not fit fails before the rendering
-        state, described = read_model_folder(Path(cfg.init_from))
-        theirs = (described["network"]["channels"], described["network"]["in_channels"])
-        if theirs != (list(cfg.channels), 2 * cfg.context + 1):
-            raise ValueError(f"cannot start from {cfg.init_from}: its network has channels {theirs[0]} and "
-                             f"{theirs[1]} input slices, this run {list(cfg.channels)} and {2 * cfg.context + 1}")
-        net.load_state_dict(state)
+    initial = _initial_weights(cfg)  # a folder that does not fit fails before the rendering
     phantom, real = collect(cfg, cache)
     log.info("training on %d phantom and %d real slices", len(phantom.images), len(real.images))
+    net = network(cfg.channels, 2 * cfg.context + 1)  # after collect, whose --s1-from network draws from the seeded RNG too
+    if initial:
+        net.load_state_dict(initial)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.iterations, pct_start=0.1)
     start, losses = 0, []
