@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import SimpleITK as sitk
 
 from tests.conftest import STUDY_CASES, dciodvfy_errors, load_truth, patient_coords, read_series
@@ -99,3 +101,8 @@ def test_same_seed_same_study_new_seed_new_uids(tmp_path: Path) -> None:
         assert fa.read_bytes() == fb.read_bytes()
     assert c["study_instance_uid"] != a["study_instance_uid"]
     assert c["series"][0]["series_instance_uid"] != a["series"][0]["series_instance_uid"]
+    # the same seed as a T1 alone is other images: no UID of the T2 may come back
+    t1 = generate_study(tmp_path / "t1", 7, replace(opts, contrasts=("T1",)))
+    assert t1["series"][0]["series_instance_uid"] != a["series"][0]["series_instance_uid"]
+    sops = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (tmp_path / "a").rglob("*.dcm")}
+    assert not sops & {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID for f in (tmp_path / "t1").rglob("*.dcm")}

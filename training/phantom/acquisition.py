@@ -70,7 +70,7 @@ def sample_sagittal(rng: np.random.Generator, d: StudyDesign, contrast: str, num
     c = _contrast(rng, contrast, field_t)
     deg = _degradation(rng)
     rescale = (round(rng.uniform(0.5, 3.0), 4), 0.0) if rng.random() < 0.3 else None
-    series = SeriesInfo(uid(d.seed, "series", number), number, f"SAG {contrast}", contrast, c.tr, c.te, c.ti,
+    series = SeriesInfo(uid(d.seed, "series", number, repr(options)), number, f"SAG {contrast}", contrast, c.tr, c.te, c.ti,
                         field_t, deg.bits, rescale, thick + gap)
     params = {"plane": "sagittal", "matrix": matrix, "fov_mm": fov, "pixel_spacing_mm": fov / matrix, "slices": n,
               "slice_thickness_mm": thick, "gap_mm": gap, "rotation_deg": rot_angles(rot)}
@@ -92,7 +92,7 @@ def rot_angles(rot: np.ndarray) -> list[float]:
     return [float(np.rad2deg(np.arccos(np.clip(n[0], -1, 1)))), float(np.rad2deg(np.arctan2(r[2], r[1])))]
 
 
-def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, field_t: float) -> Acquisition:
+def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, field_t: float, variant: str) -> Acquisition:
     """A block of three slices parallel to each disc, centred on the disc's mid-plane."""
     fov = rng.uniform(160, 220)
     matrix = _matrix(rng, fov, 448)
@@ -113,22 +113,24 @@ def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, field_t:
             planes.append(SlicePlane(pos, row_cos, col_cos, (px, px), matrix, matrix, spacing - gap))
     c = _contrast(rng, "T2", field_t)
     deg = _degradation(rng)
-    series = SeriesInfo(uid(d.seed, "series", number), number, "AX T2", "T2", c.tr, c.te, None, field_t, deg.bits,
+    series = SeriesInfo(uid(d.seed, "series", number, variant), number, "AX T2", "T2", c.tr, c.te, None, field_t, deg.bits,
                         None, spacing)
     params = {"plane": "axial", "matrix": matrix, "fov_mm": fov, "pixel_spacing_mm": fov / matrix,
               "slices": len(planes), "slice_thickness_mm": spacing - gap, "gap_mm": gap}
     return Acquisition(planes, series, c, deg, params)
 
 
-def study_info(seed: int) -> StudyInfo:
+def study_info(seed: int, options: PhantomOptions) -> StudyInfo:
+    """The study's patient and UIDs. The UIDs follow the options too: the same seed with other
+    contrasts, matrix or field of view is other images, which must not share an instance UID."""
     rng = np.random.default_rng([seed, 7])
     year, month, day = 2020 + int(rng.integers(0, 6)), int(rng.integers(1, 13)), int(rng.integers(1, 29))
-    return StudyInfo(study_instance_uid=uid("dicomnode-phantom", seed, "study"),
+    return StudyInfo(study_instance_uid=uid("dicomnode-phantom", seed, "study", repr(options)),
                      patient_name=f"PHANTOM^LUMBAR^{seed}", patient_id=f"PH{seed:08d}",
                      patient_birth_date=f"{1940 + int(rng.integers(0, 60))}0101", patient_sex=str(rng.choice(["F", "M"])),
                      study_date=f"{year}{month:02d}{day:02d}", study_time=f"{int(rng.integers(7, 19)):02d}{int(rng.integers(0, 60)):02d}00",
                      accession_number=f"A{seed:08d}", study_id=str(seed % 100000),
-                     frame_of_reference_uid=uid("dicomnode-phantom", seed, "frame"))
+                     frame_of_reference_uid=uid("dicomnode-phantom", seed, "frame", repr(options)))
 
 
 def acquisitions(d: StudyDesign, options: PhantomOptions) -> list[Acquisition]:
@@ -136,5 +138,5 @@ def acquisitions(d: StudyDesign, options: PhantomOptions) -> list[Acquisition]:
     field_t = float(rng.choice([1.5, 3.0], p=[0.6, 0.4]))
     acq = [sample_sagittal(rng, d, c, i + 1, options, field_t) for i, c in enumerate(options.contrasts)]
     if options.axial:
-        acq.append(sample_axial(rng, d, len(acq) + 1, field_t))
+        acq.append(sample_axial(rng, d, len(acq) + 1, field_t, repr(options)))
     return acq

@@ -226,7 +226,7 @@ def generate_study(out: Path, seed: int, options: PhantomOptions = PhantomOption
     """Write `out/dicom/<series>/*.dcm` and `out/truth/` (truth.json, one .npz per series)."""
     out = Path(out)
     d = design_study(seed, options)
-    info = study_info(seed)
+    info = study_info(seed, options)
     truth = truth_document(d, info)
     (out / "truth").mkdir(parents=True, exist_ok=True)
     for a in acquisitions(d, options):
