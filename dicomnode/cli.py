@@ -292,7 +292,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             from training.evaluation.spine_seg import evaluate
 
             metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds or "5000-5029"),
-                               args.fold, tuple(args.phantom_fov_end) if args.phantom_fov_end else None)
+                               args.fold, tuple(args.phantom_fov_end) if args.phantom_fov_end else None, args.training_fit)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"error: {e}")
     for key, value in _figures(metrics):
@@ -443,6 +443,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--phantom-fov-end", type=float, nargs=2, metavar=("LO", "HI"), help="spine-seg: the held-out "
                     "phantoms' sagittal field of view ends LO-HI mm below the top of S1, as in most real series (a "
                     "separate report; the model folder keeps its standard metrics)")
+    ev.add_argument("--training-fit", action="store_true", help="spine-seg: also measure the real cases the model "
+                    "trained on, reported apart (under- or over-fitting; never a held-out figure)")
     ev.set_defaults(func=_evaluate)
 
     rt = sub.add_parser("retry", help="queue a dead or failed job again")

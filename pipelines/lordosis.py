@@ -120,6 +120,9 @@ def fit_endplate(mask: np.ndarray, spacing: tuple[float, float], outward: np.nda
     return Endplate(c, d, ends_px)  # type: ignore[arg-type]
 
 
+Plates = dict[tuple[str, str], Endplate | None]  # (level, side) -> its line on one slice
+
+
 def angle_between(a: Endplate, b: Endplate) -> float:
     return float(np.degrees(np.arccos(np.clip(abs(np.dot(a.direction, b.direction)), 0, 1))))
 
@@ -153,7 +156,7 @@ class Measured:
         return [span for span in SPANS if span not in {a.span for a in self.angles}]
 
 
-def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> dict[tuple[str, str], Endplate | None]:
+def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> Plates:
     """The three endplates on one slice; each faces away from the body on its other side (L2 for
     L1, L4 for L5) or, for S1, towards L5."""
     def centre(level: str) -> np.ndarray | None:
@@ -161,7 +164,7 @@ def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> dict[tuple[str, 
         return np.array([rows.mean() * spacing[0], cols.mean() * spacing[1]]) if len(rows) else None
 
     neighbours = {("L1", "superior"): ("L2", -1), ("S1", "superior"): ("L5", 1), ("L5", "inferior"): ("L4", -1)}
-    plates: dict[tuple[str, str], Endplate | None] = {}
+    plates: Plates = {}
     for (level, side), (other, sign) in neighbours.items():
         a, b = centre(level), centre(other)
         plates[(level, side)] = None if a is None or b is None else \
@@ -169,15 +172,26 @@ def _endplates(sl: np.ndarray, spacing: tuple[float, float]) -> dict[tuple[str, 
     return plates
 
 
+def slice_endplates(labels: np.ndarray, series: Series) -> dict[int, Plates]:
+    """The three endplates on each central slice (`central_slices`), the midline slice first."""
+    return {k: _endplates(labels[k], series.spacing) for k in central_slices(labels, series.slice_spacing)}
+
+
+def slice_angles(per_slice: dict[int, Plates], span: str) -> list[tuple[float, int]]:
+    """(angle, slice) of `span` on each slice where both of its endplates were found, smallest first."""
+    a, b = SPANS[span]
+    return sorted((angle_between(p[a], p[b]), k) for k, p in per_slice.items()  # type: ignore[arg-type]
+                  if p[a] is not None and p[b] is not None)
+
+
 def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = THRESHOLDS) -> Measured:
     """Both angles from named labels on the series grid (our segmentation, or manual masks). Each
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
     is reported, so the lines shown on that image give the number reported."""
-    per_slice = {k: _endplates(labels[k], series.spacing) for k in central_slices(labels, series.slice_spacing)}
+    per_slice = slice_endplates(labels, series)
     problems, angles = [], []
     for span, (a, b) in SPANS.items():
-        measured = sorted((angle_between(p[a], p[b]), k) for k, p in per_slice.items()  # type: ignore[arg-type]
-                          if p[a] is not None and p[b] is not None)
+        measured = slice_angles(per_slice, span)
         if not measured:
             missing = [lv for lv, side in (a, b) if all(p[(lv, side)] is None for p in per_slice.values())]
             what = f"{', '.join(missing)} not found" if missing else f"{a[0]} and {b[0]} not found together"

@@ -23,7 +23,7 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipelines.lordosis import category, measure
+from pipelines.lordosis import category, measure, slice_angles, slice_endplates
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -47,6 +47,8 @@ class StudyResult:
     # real cases: {labelled kind: {slice cut: (voxels found, voxels labelled)}}, see recall_by_cut
     recall_by_cut: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     edge_offsets: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # see edge_offsets
+    reference_split: float | None = None  # real cases: see reference_split
+    contrast: str | None = None  # phantom studies: the one series' contrast
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -75,7 +77,20 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
         r.dice.update(component_dice(pred, truth, series))
         r.recall_by_cut = recall_by_cut(pred.classes, truth)
         r.edge_offsets = edge_offsets(pred.classes, truth, series.spacing)
+        r.reference_split = reference_split(truth, series)
     return r
+
+
+def reference_split(truth: np.ndarray, series: Series, span: str = "L1-L5") -> float | None:
+    """The manual masks' own spread: `span` measured as the pipeline does (the median over the
+    central slices), on the odd central slices minus on the even ones. How far our angle can be
+    expected to agree with the reference, given that one slice's masks tilt an endplate by degrees."""
+    measured = slice_angles(slice_endplates(truth, series), span)
+    if not measured:
+        return None
+    k0 = min(k for _, k in measured)
+    halves = [[deg for deg, k in measured if (k - k0) % 2 == parity] for parity in (0, 1)]
+    return float(np.median(halves[1]) - np.median(halves[0])) if all(halves) else None
 
 
 CUTS = ("central (>= 0.8)", "0.5-0.8", "lateral (< 0.5)")
@@ -165,11 +180,26 @@ def _mean(results: list[StudyResult], key: str, attr: str = "dice") -> float:
     return float(np.nanmean(vals)) if vals else float("nan")
 
 
+def dice_by_contrast(phantom: list[StudyResult]) -> dict[str, dict[str, float]]:
+    """Mean Dice of the bodies (L1-S1), the discs and the canal over the studies of each contrast:
+    whether a structure falls short on one contrast or on all (the pipeline reads a study's T2
+    first, so a T1-only gap matters less than one on every contrast)."""
+    out: dict[str, dict[str, float]] = {}
+    for contrast in dict.fromkeys(r.contrast for r in phantom if r.contrast):
+        studies = [r for r in phantom if r.contrast == contrast]
+        out[contrast] = {"studies": len(studies)}
+        for group, names in (("bodies", BODIES), ("discs", DISCS), ("canal", ["canal"])):
+            out[contrast][group] = float(np.mean([_mean(studies, n) for n in names]))
+    return out
+
+
 def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0,
-             fov_end_mm: tuple[float, float] | None = None) -> dict:
+             fov_end_mm: tuple[float, float] | None = None, training_fit: bool = False) -> dict:
     """Phantom and real held-out figures and the report; with `fov_end_mm`, the phantoms' field of
     view ends inside S1 (naming where S1 is a sliver or out of view), and the model folder's own
-    metrics are left as they are."""
+    metrics are left as they are. With `training_fit`, the real cases the model trained on are
+    measured too, apart: a fit no better than the held-out figures means the model does not
+    memorise them (more capacity or other labels, not more regularisation, would help)."""
     from training.datasets.real_lumbar import case_to_dicom, load_cases, split
     from training.phantom.generator import PhantomOptions, generate_study
 
@@ -190,18 +220,23 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0
             r = evaluate_study(folder, model, BODIES + DISCS + ["canal"])
             truth = json.loads((folder / "truth" / "truth.json").read_text())
             r.reference_angles = truth["lordosis_deg"]
-            r.name = f"phantom {seed} {contrast}"
+            r.name, r.contrast = f"phantom {seed} {contrast}", contrast
             phantom.append(r)
         cases = {c.case_id: c for c in load_cases()}
         held = split(sorted(cases), fold)[1]
         leaked = trained_on & set(held)
         if leaked:
             raise ValueError(f"real cases {sorted(leaked)} were used in training; evaluate another fold")
-        for cid in tqdm(held, desc="real held out", unit="case"):
-            folder = Path(tmp) / cid
-            case_to_dicom(cases[cid], folder)
-            real.append(evaluate_study(folder, model, BODIES + DISCS))
-    metrics = report(model, phantom, real, out, phantom_seeds, held, fov_end_mm)
+        fit: list[StudyResult] = []
+        groups = [("real held out", held, real)]
+        if training_fit:
+            groups.append(("real training cases (fit)", sorted(trained_on & set(cases)), fit))
+        for desc, ids, results in groups:
+            for cid in tqdm(ids, desc=desc, unit="case"):
+                folder = Path(tmp) / cid
+                case_to_dicom(cases[cid], folder)
+                results.append(evaluate_study(folder, model, BODIES + DISCS))
+    metrics = report(model, phantom, real, out, phantom_seeds, held, fov_end_mm, fit)
     if fov_end_mm is None:
         record_metrics(model_dir, metrics, phantom_seeds, held)
     return metrics
@@ -216,7 +251,7 @@ def record_metrics(model_dir: Path, metrics: dict, seeds: list[int], held: list[
 
 
 def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], out: Path, seeds: list[int],
-           held: list[str], fov_end_mm: tuple[float, float] | None = None) -> dict:
+           held: list[str], fov_end_mm: tuple[float, float] | None = None, fit: list[StudyResult] | None = None) -> dict:
     structures = BODIES + DISCS + ["canal"]
     ph_dice = {s: _mean(phantom, s) for s in structures}
     ph_iou = {s: _mean(phantom, s, "iou") for s in structures}
@@ -227,6 +262,7 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     bars({k: v for k, v in re_dice.items() if not np.isnan(v)}, out / "real_dice.png", "Real held out: Dice", 0.90)
     metrics: dict = {"phantom": {"studies": len(phantom), "dice": ph_dice, "iou": ph_iou},
                      "real": {"cases": len(real), "dice": re_dice, "iou": re_iou}}
+    metrics["phantom"]["dice_by_contrast"] = dice_by_contrast(phantom)
     named = [r.named_ok for r in phantom if r.named_ok is not None]
     metrics["phantom"]["level_naming_accuracy"] = float(np.mean(named)) if named else None
     named_real = [r.named_ok for r in real if r.named_ok is not None]
@@ -253,6 +289,14 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
         metrics["real"]["angle_L1-L5"] = bland_altman(*zip(*pairs), out / "real_bland_altman_L1-L5.png",
                                                       "Real L1-L5: our segmentation vs manual masks")
     metrics["real"]["angle_L1-L5_measured_in"] = f"{len(pairs)}/{sum('L1-L5' in r.reference_angles for r in real)}"
+    splits = [r.reference_split for r in real if r.reference_split is not None]
+    if splits:
+        metrics["real"]["angle_L1-L5_manual_odd_vs_even_slices"] = {"mae": float(np.mean(np.abs(splits))), "n": len(splits)}
+    if fit:
+        errors = [abs(r.angles["L1-L5"] - r.reference_angles["L1-L5"]) for r in fit
+                  if "L1-L5" in r.angles and "L1-L5" in r.reference_angles]
+        metrics["real_training_fit"] = {"cases": len(fit), "dice": {k: _mean(fit, k) for k in re_dice if "any level" in k},
+                                        "angle_L1-L5": {"mae": float(np.mean(errors)) if errors else None, "n": len(errors)}}
     cls = [(category(r.reference_angles["L1-S1"]), r.angles.get("L1-S1")) for r in phantom]
     cls_pred = [category(p) if p is not None else "normal_lordosis" for _, p in cls]
     m = confusion([t for t, _ in cls], cls_pred, CLASSES, out / "phantom_lordosis_confusion.png",
@@ -299,6 +343,11 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     lines += ["", f"- Level naming (all five lumbar bodies right): phantom {_fmt(m['phantom']['level_naming_accuracy'])}, "
               f"real {_fmt(m['real']['level_naming_accuracy'])} over {m['real']['level_naming_studies']} studies that name L1-L5.",
               f"- Lordosis class accuracy (phantom, L1-S1): {_fmt(m['phantom']['lordosis_class_accuracy'])}."]
+    by_contrast = "; ".join(f"{c} {_fmt(v['bodies'])} / {_fmt(v['discs'])} / {_fmt(v['canal'])} ({v['studies']} studies)"
+                            for c, v in m["phantom"].get("dice_by_contrast", {}).items())
+    if by_contrast:
+        lines.append(f"- Phantom mean Dice by the series' contrast, bodies L1-S1 / discs / canal: {by_contrast} "
+                     f"(each study here has one series; the pipeline reads a study's T2 first).")
     for kind in ("vertebral body", "disc"):
         if f"{kind} recall by slice" in m["real"]:
             shares = ", ".join(f"{cut} {_fmt(v)}" for cut, v in m["real"][f"{kind} recall by slice"].items())
@@ -311,6 +360,17 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         if a:
             lines.append(f"- {where} {key[6:]} angle: MAE {a['mae']:.2f} deg, max {a['max_abs']:.2f}, bias {a['bias']:+.2f}, "
                          f"limits ±{a['loa']:.2f} (n={a['n']}; measured in {m[where][key + '_measured_in']}).")
+    split = m["real"].get("angle_L1-L5_manual_odd_vs_even_slices")
+    if split:
+        lines.append(f"- The reference's own spread: real L1-L5 from the manual masks on the odd central slices against "
+                     f"the even ones, MAE {split['mae']:.2f} deg (n={split['n']}); were slices independent, the "
+                     f"reference (all of them) would be off by about half that.")
+    fit = m.get("real_training_fit")
+    if fit:
+        dice_fit = ", ".join(f"{k.split(' (')[0]}s {_fmt(v)}" for k, v in fit["dice"].items())
+        lines.append(f"- Fit on the {fit['cases']} real cases it trained on (not held out, measured only to tell under- "
+                     f"from over-fitting): Dice, best-matching structure, {dice_fit}; L1-L5 MAE "
+                     f"{_fmt(fit['angle_L1-L5']['mae'])} deg (n={fit['angle_L1-L5']['n']}).")
     lines += ["", "![phantom Dice](phantom_dice.png) ![real Dice](real_dice.png)", "",
               "![Bland-Altman](phantom_bland_altman_L1-S1.png) ![Bland-Altman](real_bland_altman_L1-L5.png) "
               "![confusion](phantom_lordosis_confusion.png)", "", "## Per study", "",
