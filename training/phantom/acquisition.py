@@ -92,7 +92,8 @@ def rot_angles(rot: np.ndarray) -> list[float]:
     return [float(np.rad2deg(np.arccos(np.clip(n[0], -1, 1)))), float(np.rad2deg(np.arctan2(r[2], r[1])))]
 
 
-def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, field_t: float, variant: str) -> Acquisition:
+def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, options: PhantomOptions,
+                 field_t: float) -> Acquisition:
     """A block of three slices parallel to each disc, centred on the disc's mid-plane."""
     fov = rng.uniform(160, 220)
     matrix = _matrix(rng, fov, 448)
@@ -113,7 +114,7 @@ def sample_axial(rng: np.random.Generator, d: StudyDesign, number: int, field_t:
             planes.append(SlicePlane(pos, row_cos, col_cos, (px, px), matrix, matrix, spacing - gap))
     c = _contrast(rng, "T2", field_t)
     deg = _degradation(rng)
-    series = SeriesInfo(uid(d.seed, "series", number, variant), number, "AX T2", "T2", c.tr, c.te, None, field_t, deg.bits,
+    series = SeriesInfo(uid(d.seed, "series", number, repr(options)), number, "AX T2", "T2", c.tr, c.te, None, field_t, deg.bits,
                         None, spacing)
     params = {"plane": "axial", "matrix": matrix, "fov_mm": fov, "pixel_spacing_mm": fov / matrix,
               "slices": len(planes), "slice_thickness_mm": spacing - gap, "gap_mm": gap}
@@ -138,5 +139,5 @@ def acquisitions(d: StudyDesign, options: PhantomOptions) -> list[Acquisition]:
     field_t = float(rng.choice([1.5, 3.0], p=[0.6, 0.4]))
     acq = [sample_sagittal(rng, d, c, i + 1, options, field_t) for i, c in enumerate(options.contrasts)]
     if options.axial:
-        acq.append(sample_axial(rng, d, len(acq) + 1, field_t, repr(options)))
+        acq.append(sample_axial(rng, d, len(acq) + 1, options, field_t))
     return acq
