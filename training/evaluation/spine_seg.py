@@ -367,10 +367,12 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
                      f"reference (all of them) would be off by about half that.")
     fit = m.get("real_training_fit")
     if fit:
-        dice_fit = ", ".join(f"{k.split(' (')[0]}s {_fmt(v)}" for k, v in fit["dice"].items())
+        plural = {"vertebral body (any level)": "bodies", "disc (any level)": "discs"}
+        dice_fit = ", ".join(f"{plural[k]} {_fmt(v)}" for k, v in fit["dice"].items())
+        mae = fit["angle_L1-L5"]["mae"]
         lines.append(f"- Fit on the {fit['cases']} real cases it trained on (not held out, measured only to tell under- "
                      f"from over-fitting): Dice, best-matching structure, {dice_fit}; L1-L5 MAE "
-                     f"{_fmt(fit['angle_L1-L5']['mae'])} deg (n={fit['angle_L1-L5']['n']}).")
+                     f"{'n/a' if mae is None else f'{mae:.2f}'} deg (n={fit['angle_L1-L5']['n']}).")
     lines += ["", "![phantom Dice](phantom_dice.png) ![real Dice](real_dice.png)", "",
               "![Bland-Altman](phantom_bland_altman_L1-S1.png) ![Bland-Altman](real_bland_altman_L1-L5.png) "
               "![confusion](phantom_lordosis_confusion.png)", "", "## Per study", "",
