@@ -198,8 +198,8 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0
     """Phantom and real held-out figures and the report; with `fov_end_mm`, the phantoms' field of
     view ends inside S1 (naming where S1 is a sliver or out of view), and the model folder's own
     metrics are left as they are. With `training_fit`, the real cases the model trained on are
-    measured too, apart: a fit no better than the held-out figures means the model does not
-    memorise them (more capacity or other labels, not more regularisation, would help)."""
+    measured too, apart: a fit hardly better than the held-out figures means the model does not
+    memorise them, so regularisation is not what it lacks."""
     from training.datasets.real_lumbar import case_to_dicom, load_cases, split
     from training.phantom.generator import PhantomOptions, generate_study
 
