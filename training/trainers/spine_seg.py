@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from pipelines.spine_seg import Network
 from training.datasets import spine_seg as data
-from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, load_cases
+from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, case_paths, load_case
 from training.trainers.common import (augment, git_commit, masked_ce_dice, optimise, pad_to, read_model_folder, seed_everything,
                                       write_model_folder)
 
@@ -57,10 +57,11 @@ def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: in
 def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]:
     """Phantom and real training slices, cached in `cache` (rendering the phantom takes minutes)."""
     s1_from = Network(Path(cfg.s1_from), "cpu") if cfg.s1_from else None  # a wrong folder fails before the rendering
-    cases = [c for c in load_cases(Path(cfg.real_dir)) if cfg.real_cases is None or c.case_id in cfg.real_cases]
-    missing = sorted(set(cfg.real_cases or []) - {c.case_id for c in cases})
+    paths = {path.stem: path for path in case_paths(Path(cfg.real_dir))}  # a case's id is its file name
+    missing = sorted(set(cfg.real_cases or []) - set(paths))
     if missing:
         raise ValueError(f"real cases {missing} are not in {cfg.real_dir}")
+    cases = [load_case(path) for cid, path in paths.items() if cfg.real_cases is None or cid in cfg.real_cases]
     suffix = f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
     phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
