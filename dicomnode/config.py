@@ -9,6 +9,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from structured_reports.model import LORDOSIS_THRESHOLDS_DEG
+
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 printable chars, no backslash
 
 
@@ -119,11 +121,21 @@ class RetentionSection(_Strict):
 
 
 class ResultsSection(_Strict):
-    """How result objects are encoded; viewers differ in what they show."""
+    """How result objects are encoded (viewers differ in what they show) and graded (sites differ)."""
 
     seg_fractional: bool = Field(False, description="probabilities instead of a binary SEG")
     seg_omit_empty_frames: bool = Field(True, description="false: one frame per source image and segment")
     explanations: Literal["parametric_map", "secondary_capture"] = "parametric_map"
+    lordosis_thresholds_deg: tuple[float, float] = Field(
+        LORDOSIS_THRESHOLDS_DEG, description="L1-S1 below the first: hypolordosis; above the second: hyperlordosis")
+
+    @field_validator("lordosis_thresholds_deg")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] < v[1] < 180:
+            raise ValueError(f"{list(v)} are not lordosis thresholds: [hypolordosis below, hyperlordosis above] in "
+                             f"degrees, the first smaller than the second, both between 0 and 180")
+        return v
 
 
 class ApiSection(_Strict):

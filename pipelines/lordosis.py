@@ -1,7 +1,8 @@
 """`lordosis`: the lumbar lordosis (Cobb) angles L1-S1 (superior endplates of L1 and S1) and L1-L5
 (L1 superior, L5 inferior), each from a robust line fit to the endplate boundary of the
 segmentation on the slices through the vertebral midline (the median over them); hypo / normal /
-hyper by thresholds.
+hyper by thresholds (seed 003's 39 and 53 deg unless the configuration's
+`results.lordosis_thresholds_deg` says otherwise).
 A study where L1 or S1 is not found says so instead of guessing."""
 
 from __future__ import annotations
@@ -16,11 +17,10 @@ from scipy.spatial import ConvexHull
 from pipelines import spine_seg
 from pipelines.registry import Pipeline, register
 from pipelines.series import Series, pick_series
-from structured_reports.model import Angle, Line, ResultOptions
+from structured_reports.model import LORDOSIS_THRESHOLDS_DEG, Angle, Line, ResultOptions
 from structured_reports.writer import write_results
 from training.phantom.anatomy import LABEL_VALUES
 
-THRESHOLDS = (39.0, 53.0)  # seed 003: hypolordosis < 39 <= normal <= 53 < hyperlordosis
 # Each angle is the median over the slices this close to the midline: on manual masks of real scans
 # one angle moves 2.9 deg (mean) from one 2 mm slice to the next, so a single slice is noise.
 CENTRAL_MM = 8.0
@@ -30,7 +30,7 @@ IMPLAUSIBLE_DEG = 5.0
 SPANS = {"L1-S1": (("L1", "superior"), ("S1", "superior")), "L1-L5": (("L1", "superior"), ("L5", "inferior"))}
 
 
-def category(angle: float, thresholds: tuple[float, float] = THRESHOLDS) -> str:
+def category(angle: float, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> str:
     lo, hi = thresholds
     return "hypolordosis" if angle < lo else "hyperlordosis" if angle > hi else "normal_lordosis"
 
@@ -184,7 +184,7 @@ def slice_angles(per_slice: dict[int, Plates], span: str) -> list[tuple[float, i
                   if p[a] is not None and p[b] is not None)
 
 
-def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = THRESHOLDS) -> Measured:
+def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> Measured:
     """Both angles from named labels on the series grid (our segmentation, or manual masks). Each
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
     is reported, so the lines shown on that image give the number reported."""
@@ -216,9 +216,10 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     series = pick_series(files)
     model = spine_seg.load_model()
     labelled = spine_seg.segment(series, model)
-    m = measure(labelled.labels, series)
+    m = measure(labelled.labels, series, options.lordosis_thresholds_deg)
     spine_seg.write_findings(out, {"lordosis": {"series": series.description, **{a.span: a.degrees for a in m.angles},
                                       "category": next((a.category for a in m.angles if a.category), None),
+                                      "thresholds_deg": list(options.lordosis_thresholds_deg),
                                       "problems": labelled.problems + m.problems}})
     # an angle not measured is in the SR too, without a value: the radiologist sees it was tried
     return write_results(out, series.datasets, model.algorithm, options, angles=m.angles, unmeasured=m.unmeasured)

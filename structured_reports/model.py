@@ -12,6 +12,8 @@ from pydicom.sr.coding import Code
 from structured_reports.codes import ARTIFICIAL_INTELLIGENCE
 
 Point = tuple[float, float]
+# L1-S1 below the first is hypolordosis, above the second hyperlordosis (seed 003); sites may set their own
+LORDOSIS_THRESHOLDS_DEG = (39.0, 53.0)
 
 
 @dataclass(frozen=True)
@@ -81,11 +83,13 @@ class Explanation:
 
 @dataclass(frozen=True)
 class ResultOptions:
-    """How results are encoded, from the node configuration's `results:` section (viewers differ)."""
+    """How results are encoded and graded, from the node configuration's `results:` section (viewers
+    and sites differ)."""
 
     seg_fractional: bool = False
     seg_omit_empty_frames: bool = True
     explanations: str = "parametric_map"  # or "secondary_capture": a colour overlay any viewer shows
+    lordosis_thresholds_deg: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG
 
 
 @dataclass

@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_shipped_configuration_loads() -> None:
     cfg = load_config(ROOT / "conf" / "node.yaml")
     assert cfg.node.ae_title == "DICOMNODE" and cfg.destinations["pacs"].port == 4242
+    assert cfg.results.lordosis_thresholds_deg == (39, 53) == parse_config({}).results.lordosis_thresholds_deg
 
 
 @pytest.mark.parametrize("data,words", [
@@ -24,6 +25,8 @@ def test_shipped_configuration_loads() -> None:
     ({"node": {"port": 70000}}, "node.port"),
     ({"rules": [{"name": "r", "pipelines": ["x"], "send_to": ["nowhere"]}]}, "sends to 'nowhere'"),
     ({"destinations": {"pacs": {"ae_title": "PACS", "host": "h", "port": 104, "colour": "red"}}}, "unknown key"),
+    ({"results": {"lordosis_thresholds_deg": [53, 39]}}, "results.lordosis_thresholds_deg: .*the first smaller"),
+    ({"results": {"lordosis_thresholds_deg": [39]}}, "results.lordosis_thresholds_deg"),
 ])
 def test_bad_configuration_is_refused_with_the_key(data: dict, words: str) -> None:
     with pytest.raises(ConfigError, match=words.replace("(", r"\(")):

@@ -12,9 +12,10 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+import yaml
 from scipy import ndimage
 
-from pipelines.lordosis import central_slices, measure, midline_slice
+from pipelines.lordosis import category, central_slices, measure, midline_slice
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
@@ -356,20 +357,47 @@ def test_a_series_without_a_spine_gets_an_sr_that_says_no_angle_was_measured(lum
     assert any("S1 is not in the field of view" in p for p in problems)
 
 
+def test_the_lordosis_class_follows_the_configured_thresholds(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    """A site's own hypo / hyper thresholds (`results.lordosis_thresholds_deg`) decide the class the SR
+    carries; the angle itself does not change, and findings.json says which thresholds were used."""
+    from pipelines import lordosis
+    from structured_reports.model import ResultOptions
+    from structured_reports.reader import read_sr
+
+    files = sorted((lumbar_studies[2] / "dicom" / "series_1").glob("*.dcm"))
+    runs = {}
+    for name, shift in (("default", None), ("hypolordosis", (1.0, 10.0)), ("hyperlordosis", (-10.0, -1.0))):
+        angle = runs["default"][0] if shift else None
+        options = ResultOptions() if shift is None else \
+            ResultOptions(lordosis_thresholds_deg=(angle + shift[0], angle + shift[1]))  # type: ignore[operator]
+        [sr] = lordosis.run(files, tmp_path / name, options)
+        [l1_s1] = [a for a in read_sr(pydicom.dcmread(sr)).angles if a.span == "L1-S1"]
+        found = json.loads((tmp_path / name / "findings.json").read_text())["lordosis"]
+        assert found["thresholds_deg"] == list(options.lordosis_thresholds_deg) and found["category"] == l1_s1.category
+        runs[name] = (l1_s1.degrees, l1_s1.category)
+    assert runs["hypolordosis"] == (runs["default"][0], "hypolordosis")
+    assert runs["hyperlordosis"] == (runs["default"][0], "hyperlordosis")
+
+
 def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp_path: Path) -> None:
+    """The shipped configuration, with a site's own lordosis thresholds, through `dicomnode process`."""
     study = lumbar_studies[5]
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run([*dicomnode_cmd(), "process", str(study / "dicom"), str(tmp_path), "--config",
-                        str(root / "conf" / "node.yaml")], capture_output=True, text=True, env=dicomnode_env(), timeout=600)
+    conf = yaml.safe_load((Path(__file__).resolve().parents[1] / "conf" / "node.yaml").read_text())
+    conf["results"]["lordosis_thresholds_deg"] = [45, 60]
+    (tmp_path / "node.yaml").write_text(yaml.safe_dump(conf))
+    out = tmp_path / "out"
+    r = subprocess.run([*dicomnode_cmd(), "process", str(study / "dicom"), str(out), "--config", str(tmp_path / "node.yaml")],
+                       capture_output=True, text=True, env=dicomnode_env(), timeout=600)
     assert r.returncode == 0, r.stderr
-    [result] = json.loads((tmp_path / "results.json").read_text())["studies"]
+    [result] = json.loads((out / "results.json").read_text())["studies"]
     kinds = sorted((o["pipeline"], o["modality"]) for o in result["outputs"])
     assert kinds == [("lordosis", "SR"), ("spine-seg", "SEG")]
     for o in result["outputs"]:
-        assert dciodvfy_errors(tmp_path / o["path"]) == []
+        assert dciodvfy_errors(out / o["path"]) == []
     truth = json.loads((study / "truth" / "truth.json").read_text())
     measured = result["findings"]["lordosis"]
     assert abs(measured["L1-S1"] - truth["lordosis_deg"]["L1-S1"]) < 10  # sanity; accuracy is in the evaluation
+    assert measured["thresholds_deg"] == [45, 60] and measured["category"] == category(measured["L1-S1"], (45, 60))
     assert set(result["findings"]["spine-seg"]["structures"]) >= {"L1", "L5", "S1", "L4/L5", "canal"}
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from structured_reports.model import LORDOSIS_THRESHOLDS_DEG
 from training.dicom_writer import StudyInfo, write_mr_series
 from training.phantom.acquisition import acquisitions, study_info
 from training.phantom.anatomy import (
@@ -31,7 +32,6 @@ from training.phantom.pathology import STUDY_CLASSES, Findings, grade_of, sample
 from training.phantom.render import paint_plane, render_series
 from training.phantom.structures import Tissues, build_shapes
 
-LORDOSIS_THRESHOLDS = (39.0, 53.0)  # seed 003: hypo < 39 <= normal <= 53 < hyper
 SAGITTAL = ("T2", "T1", "STIR")
 
 
@@ -67,7 +67,7 @@ class StudyDesign:
         return {k: v.nucleus_t2 for k, v in self.findings.discs.items()}
 
 
-def lordosis_class(angle: float, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS) -> str:
+def lordosis_class(angle: float, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> str:
     lo, hi = thresholds
     return "hypolordosis" if angle < lo else "hyperlordosis" if angle > hi else "normal"
 
