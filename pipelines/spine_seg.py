@@ -68,6 +68,14 @@ class Network:
         return self.net(torch.from_numpy(self.inputs(grid, k)).to(self.device))
 
 
+def structure_codes() -> dict[str, dict]:
+    """What each structure the pipeline names is in its results: the label value, the SEG segment
+    label and the coded type. A model folder records it (model.json `structures`), so the folder
+    says what its results mean without this code."""
+    return {n: {"label_value": LABEL_VALUES[n], "segment_label": label, "code": [c.scheme_designator, c.value, c.meaning]}
+            for n, (c, label, _) in STRUCTURES.items()}
+
+
 class Model:
     """A trained spine-seg model folder, ready to run on CPU or GPU: one network, or (when its
     model.json lists `members`) a weighted-average ensemble of member folders (seed 004), whose
@@ -80,6 +88,11 @@ class Model:
 
         folder = Path(folder)
         self.description = read_description(folder)
+        recorded, ours = self.description.get("structures"), structure_codes()
+        if recorded is not None and recorded != ours:  # folders from before 2026-12-05 record none
+            differ = sorted(n for n in {*recorded, *ours} if recorded.get(n) != ours.get(n))
+            raise ValueError(f"model folder {folder} names its structures otherwise than this dicomnode writes them "
+                             f"(differs in {', '.join(differ)}): use a folder trained by this version")
         self.device = torch.device(device)
         members = self.description.get("members") or [{"folder": ".", "weight": 1.0}]
         self.members = [(Network(folder / m["folder"], device), float(m["weight"])) for m in members]

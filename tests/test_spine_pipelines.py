@@ -306,12 +306,21 @@ def test_a_folder_without_a_sagittal_mr_series_is_refused_clearly(tmp_path: Path
         pick_series(sorted((tmp_path / "dicom" / "series_2").glob("*.dcm")))
 
 
-def test_the_shipped_model_folder_describes_itself() -> None:
+def test_the_shipped_model_folder_describes_itself(tmp_path: Path) -> None:
+    """Network, classes, the structures its results name with their codes, normalisation, training
+    data and commit, metrics, version; a folder whose structures differ from what this version
+    writes is refused, naming the structure."""
     d = json.loads((MODEL_DIR / "model.json").read_text())
     assert d["name"] == "spine-seg" and d["classes"] == ["background", "vertebral_body", "S1", "disc", "canal"]
     assert {"version", "network", "normalisation", "grid_mm", "training", "commit", "metrics"} <= set(d)
     assert d["metrics"]["phantom"]["dice"] and d["metrics"]["real"]["dice"]
+    assert list(d["structures"]) == NAMED and d["structures"]["L4/L5"]["code"][:2] == ["SCT", "84020006"]
     assert (MODEL_DIR / "model.pt").stat().st_size < 10e6
+    d["structures"]["L1"]["label_value"] = 9
+    (tmp_path / "model.json").write_text(json.dumps(d))
+    (tmp_path / "model.pt").symlink_to(MODEL_DIR / "model.pt")
+    with pytest.raises(ValueError, match=r"\(differs in L1\): use a folder trained by this version"):
+        Model(tmp_path)
 
 
 def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: list[Path], tmp_path: Path) -> None:
@@ -394,6 +403,12 @@ def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp
     assert kinds == [("lordosis", "SR"), ("spine-seg", "SEG")]
     for o in result["outputs"]:
         assert dciodvfy_errors(out / o["path"]) == []
+    [seg] = [pydicom.dcmread(out / o["path"]) for o in result["outputs"] if o["modality"] == "SEG"]
+    described = json.loads((MODEL_DIR / "model.json").read_text())["structures"]
+    by_label = {v["segment_label"]: v["code"] for v in described.values()}
+    for segment in seg.SegmentSequence:  # the model folder says what the SEG's segments are
+        code = segment.SegmentedPropertyTypeCodeSequence[0]
+        assert by_label[segment.SegmentLabel] == [code.CodingSchemeDesignator, code.CodeValue, code.CodeMeaning]
     truth = json.loads((study / "truth" / "truth.json").read_text())
     measured = result["findings"]["lordosis"]
     assert abs(measured["L1-S1"] - truth["lordosis_deg"]["L1-S1"]) < 10  # sanity; accuracy is in the evaluation
@@ -474,6 +489,7 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     assert d["network"]["in_channels"] == 3 and d["training"]["real_case_ids"] == ["VB3_02"]
     assert d["training"]["beyond_ends"] is True and d["training"]["run_rows"] is True and d["training"]["fov_end"] == 1.0
     assert d["training"]["s1_from"] == str(MODEL_DIR)
+    assert d["structures"] == json.loads((MODEL_DIR / "model.json").read_text())["structures"]
     before = torch_load(folder / "model.pt")
     train(cfg, folder, tmp_path / "cache")  # resumes from the checkpoint at iteration 4: nothing left to do
     after = torch_load(folder / "model.pt")

@@ -81,7 +81,7 @@ def write_ensemble(members: list[Path], found: dict, out: Path, version: str) ->
         "name": first["name"], "version": version, "framework": "weighted-average ensemble of " + first["framework"],
         "classes": first["classes"], "grid_mm": first["grid_mm"], "normalisation": first["normalisation"],
         "test_time_grids_mm": first.get("test_time_grids_mm", [first["grid_mm"]]),
-        "levels": first["levels"],
+        "levels": first["levels"], **({"structures": first["structures"]} if "structures" in first else {}),
         "members": [{"folder": n, "weight": w} for n, w in zip(names, found["weights"])],
         "training": {"phantom_seeds": sorted({s for t in training for s in t["phantom_seeds"]}),
                      "real_case_ids": sorted({c for t in training for c in t["real_case_ids"]}),

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipelines.spine_seg import Network
+from pipelines.spine_seg import Network, structure_codes
 from training.datasets import spine_seg as data
 from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, case_paths, load_case
 from training.trainers.common import (augment, git_commit, masked_ce_dice, optimise, pad_to, read_model_folder, seed_everything,
@@ -161,6 +161,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         "test_time_grids_mm": list(data.TEST_TIME_GRIDS_MM),
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
         "levels": "named after inference by anatomy: bodies counted up from S1 (L5, L4, ...), discs between them",
+        "structures": structure_codes(),
         "training": {**asdict(cfg), "phantom_slices": len(phantom.images), "real_slices": len(real.images),
                      "real_case_ids": sorted({o.split(":", 1)[1] for o in real.origin}),
                      "final_loss": float(np.mean(losses[-100:])), "seconds": round(time.time() - t0, 1)},
