@@ -226,6 +226,11 @@ FINDINGS_MODULES = {"marrow": ("marrow", "MarrowConfig"), "disc-herniation": ("h
 HELD_OUT = {"marrow": "5000-5099", "disc-herniation": "5000-5099", "degeneration": "5000-5059"}  # phantom seeds no trainer uses
 
 
+def _fold(text: str) -> int | str:
+    """A cross-validation fold (0-2, or -1 for none) or a real dataset's name (the whole dataset held out)."""
+    return int(text) if text.lstrip("-").isdigit() else text
+
+
 def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.model in FINDINGS_MODULES:
@@ -245,7 +250,8 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
-                         fov_end=args.fov_end, s1_from=args.s1_from, init_from=args.init_from)
+                         fov_end=args.fov_end, random_contrast=args.random_contrast, s1_from=args.s1_from,
+                         init_from=args.init_from)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -259,7 +265,7 @@ def _train(args: argparse.Namespace) -> int:
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight
     ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
-    cfg.real_cases = ids if args.fold < 0 else split(ids, args.fold)[0]
+    cfg.real_cases = ids if isinstance(args.fold, int) and args.fold < 0 else split(ids, args.fold)[0]
     out = train(cfg, Path(args.out), Path(args.cache))
     print(f"model folder written: {out}")
     return 0
@@ -390,8 +396,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "disc-herniation 7000-7299,7400-7699, degeneration 8000-8299,8400-8699)")
     tr.add_argument("--validation-seeds", help="phantom seeds that choose among classifiers (marrow 6160-6279) or "
                     "the ensemble weights (disc-herniation 7300-7379) or the study model (degeneration 8300-8359)")
-    tr.add_argument("--fold", type=int, default=0, help="hold out this cross-validation fold of the real cases "
-                    "(0-2; default 0, the fold the shipped model is evaluated on); -1: train on every real case")
+    tr.add_argument("--fold", type=_fold, default=0, help="hold out this cross-validation fold of the real cases "
+                    "(0-2; default 0, the fold the shipped model is evaluated on) or a whole dataset (VB1, VB3, IVD: "
+                    "scanners never seen); -1: train on every real case")
     tr.add_argument("--iterations", type=int, help="spine-seg 2500, marrow 4000, disc-herniation 3000 per CNN, "
                     "degeneration 1500 per network")
     tr.add_argument("--epochs", type=int, help="disc-herniation: epochs per detector (30)")
@@ -403,6 +410,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--run-rows", action=argparse.BooleanOptionalAction, default=True, help="real cases: teach that "
                     "in the rows inside the labelled run every unlabelled voxel (prevertebral tissue, posterior elements, "
                     "slices lateral to the spine) is not of the labelled kind (spine-seg 1.1's recipe; --no-run-rows: 1.0's)")
+    tr.add_argument("--random-contrast", type=float, default=0.0, help="spine-seg: share of training slices whose "
+                    "intensities go through a random curve, tissues trading brightness (sequences and scanners never seen)")
     tr.add_argument("--fov-end", type=float, default=0.0, help="spine-seg: share of phantom slices whose field of "
                     "view is made to end inside S1, as most real sagittal series do (default 0: 1.1's recipe)")
     tr.add_argument("--s1-from", metavar="MODEL_DIR", help="spine-seg: label S1 in the real training cases where "
@@ -439,7 +448,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "5000-5099, degeneration 5000-5059)")
     ev.add_argument("--end-to-end", type=int, default=12, help="marrow, disc-herniation, degeneration: studies also run through DICOM "
                     "and spine-seg")
-    ev.add_argument("--fold", type=int, default=0, help="the real cases' held-out fold (must not be trained on)")
+    ev.add_argument("--fold", type=_fold, default=0, help="the real cases' held-out fold, 0-2, or dataset (VB1, VB3, "
+                    "IVD); must not be trained on")
     ev.add_argument("--phantom-fov-end", type=float, nargs=2, metavar=("LO", "HI"), help="spine-seg: the held-out "
                     "phantoms' sagittal field of view ends LO-HI mm below the top of S1, as in most real series (a "
                     "separate report; the model folder keeps its standard metrics)")

@@ -10,7 +10,7 @@ import pytest
 import SimpleITK as sitk
 
 from tests.conftest import dciodvfy_errors, patient_coords, read_series
-from training.datasets.real_lumbar import DEFAULT_DIR, case_paths, case_to_dicom, load_case, load_cases
+from training.datasets.real_lumbar import DEFAULT_DIR, case_paths, case_to_dicom, load_case, load_cases, split
 
 pytestmark = pytest.mark.skipif(not DEFAULT_DIR.exists(), reason=f"real cases not found at {DEFAULT_DIR}")
 
@@ -72,6 +72,21 @@ def test_case_as_dicom_is_valid_and_reads_back(case_id: str, tmp_path: Path) -> 
     img = sitk.ReadImage([str(f) for f in files])
     assert np.allclose(img.GetSpacing(), (case.spacing_mm[1], case.spacing_mm[0], case.spacing_mm[2]))
     assert truth["series"][0]["label_values"] == case.label_values()
+
+
+def test_folds_hold_out_every_case_once_and_a_dataset_can_be_held_out_whole() -> None:
+    """Folds 0-2 each hold out a third of every dataset and together every case once; a dataset's
+    name holds out all of it (scanners never seen) and nothing else; an unknown name is refused."""
+    ids = [p.stem for p in case_paths()]
+    folds = [split(ids, fold) for fold in range(3)]
+    assert sorted(c for _, held in folds for c in held) == sorted(ids)
+    for train, held in folds:
+        assert {c.split("_")[0] for c in held} == {"VB1", "VB3", "IVD"} and sorted(train + held) == sorted(ids)
+    train, vb3 = split(ids, "VB3")
+    assert vb3 == sorted(c for c in ids if c.startswith("VB3_")) and len(vb3) == 38
+    assert sorted(train + vb3) == sorted(ids) and not any(c.startswith("VB3_") for c in train)
+    with pytest.raises(ValueError, match="no real cases of dataset 'VB2'.*IVD, VB1, VB3"):
+        split(ids, "VB2")
 
 
 def test_case_paths_lists_every_npz_and_refuses_a_folder_without_any(tmp_path: Path) -> None:

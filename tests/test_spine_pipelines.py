@@ -26,6 +26,7 @@ from training.evaluation.metrics import dice
 from training.evaluation.spine_seg import edge_offsets, evaluate, recall_by_cut, reference_split
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
+from training.trainers.common import random_contrast
 
 NAMED = ["L1", "L2", "L3", "L4", "L5", "S1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1", "canal"]
 
@@ -453,6 +454,17 @@ def single_network_folder() -> Path:
     return MODEL_DIR / d["members"][0]["folder"] if d.get("members") else MODEL_DIR
 
 
+def test_random_contrast_lets_tissues_trade_brightness() -> None:
+    """The augmentation for sequences never seen: intensities stay in [0, 1], a seed repeats, and
+    across draws a darker tissue sometimes comes out brighter than a lighter one (not only gamma)."""
+    image = np.repeat(np.array([[0.2, 0.8]], dtype=np.float32), 4, axis=0)
+    out = [random_contrast(image, np.random.default_rng(seed)) for seed in range(20)]
+    assert all(o.shape == image.shape and o.dtype == np.float32 and 0 <= o.min() and o.max() <= 1 for o in out)
+    assert np.array_equal(out[3], random_contrast(image, np.random.default_rng(3)))
+    swapped = sum(o[0, 0] > o[0, 1] for o in out)
+    assert 0 < swapped < 20
+
+
 def test_weight_grid_covers_the_simplex() -> None:
     assert weight_grid(2, 0.5) == [(0.0, 1.0), (0.5, 0.5), (1.0, 0.0)]
     grid = weight_grid(3, 0.1)
@@ -482,12 +494,13 @@ def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: li
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=4, batch=2, crop=64,
-                         channels=(4, 8), context=1, beyond_ends=True, run_rows=True, fov_end=1.0, workers=1,
-                         s1_from=str(MODEL_DIR))
+                         channels=(4, 8), context=1, beyond_ends=True, run_rows=True, fov_end=1.0, random_contrast=0.5,
+                         workers=1, s1_from=str(MODEL_DIR))
     folder = train(cfg, tmp_path / "model", tmp_path / "cache")
     d = json.loads((folder / "model.json").read_text())
     assert d["network"]["in_channels"] == 3 and d["training"]["real_case_ids"] == ["VB3_02"]
     assert d["training"]["beyond_ends"] is True and d["training"]["run_rows"] is True and d["training"]["fov_end"] == 1.0
+    assert d["training"]["random_contrast"] == 0.5
     assert d["training"]["s1_from"] == str(MODEL_DIR)
     assert d["structures"] == json.loads((MODEL_DIR / "model.json").read_text())["structures"]
     before = torch_load(folder / "model.pt")

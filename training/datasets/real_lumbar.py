@@ -110,11 +110,17 @@ def case_to_dicom(case: RealCase, out: Path) -> dict:
     return truth
 
 
-def split(case_ids: list[str], fold: int, folds: int = 3) -> tuple[list[str], list[str]]:
+def split(case_ids: list[str], fold: int | str, folds: int = 3) -> tuple[list[str], list[str]]:
     """(train, held-out) case ids of one cross-validation fold, stratified by dataset: every
-    `folds`-th case of each dataset (in id order) is held out, so each fold sees every scanner type."""
+    `folds`-th case of each dataset (in id order) is held out, so each fold sees every scanner type.
+    A dataset's name as `fold` holds out that whole dataset: scanners and a site never seen."""
+    datasets = sorted({c.split("_")[0] for c in case_ids})
     held: list[str] = []
-    for dataset in sorted({c.split("_")[0] for c in case_ids}):
+    if isinstance(fold, str):
+        if fold not in datasets:
+            raise ValueError(f"no real cases of dataset {fold!r} to hold out; the datasets here are {', '.join(datasets)}")
+        held = [c for c in case_ids if c.split("_")[0] == fold]
+    for dataset in datasets if isinstance(fold, int) else []:
         ids = sorted(c for c in case_ids if c.split("_")[0] == dataset)
         held += ids[fold::folds]
     return [c for c in sorted(case_ids) if c not in held], sorted(held)

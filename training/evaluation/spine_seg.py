@@ -193,7 +193,7 @@ def dice_by_contrast(phantom: list[StudyResult]) -> dict[str, dict[str, float]]:
     return out
 
 
-def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int = 0,
+def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int | str = 0,
              fov_end_mm: tuple[float, float] | None = None, training_fit: bool = False) -> dict:
     """Phantom and real held-out figures and the report; with `fov_end_mm`, the phantoms' field of
     view ends inside S1 (naming where S1 is a sliver or out of view), and the model folder's own

@@ -142,6 +142,13 @@ def augment(image: np.ndarray, target: np.ndarray, rng: np.random.Generator, cro
     return img.astype(np.float32), tgt.astype(np.uint8)
 
 
+def random_contrast(image: np.ndarray, rng: np.random.Generator, knots: int = 5) -> np.ndarray:
+    """Intensities in [0, 1] through a random piecewise-linear curve, not necessarily monotonic:
+    tissues trade brightness as they do between sequences and scanners, so what is left to learn
+    is shape (SynthSeg's idea, on images instead of tissue maps)."""
+    return np.interp(np.clip(image, 0, 1), np.linspace(0, 1, knots), rng.uniform(0, 1, knots)).astype(np.float32)
+
+
 def pad_to(image: np.ndarray, multiple: int = 16, value: float = 0.0) -> tuple[np.ndarray, tuple[int, int]]:
     """Pad rows and columns up to a multiple (U-Net strides); returns the padded image and original shape."""
     r, c = image.shape[-2:]

@@ -17,8 +17,8 @@ from tqdm import tqdm
 from pipelines.spine_seg import Network, structure_codes
 from training.datasets import spine_seg as data
 from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, case_paths, load_case
-from training.trainers.common import (augment, git_commit, masked_ce_dice, optimise, pad_to, read_model_folder, seed_everything,
-                                      write_model_folder)
+from training.trainers.common import (augment, git_commit, masked_ce_dice, optimise, pad_to, random_contrast, read_model_folder,
+                                      seed_everything, write_model_folder)
 
 log = logging.getLogger("dicomnode.train")
 
@@ -40,6 +40,7 @@ class SpineSegConfig:
     beyond_ends: bool = False  # real cases: below L5 is no lumbar body, above the L1/L2 disc no disc
     run_rows: bool = True  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
     fov_end: float = 0.0  # share of phantom slices whose field of view ends inside S1, as real series do
+    random_contrast: float = 0.0  # share of slices whose intensities go through a random curve (common.random_contrast)
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
     init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
@@ -93,13 +94,16 @@ def classes_of(net: Network, case: RealCase) -> np.ndarray:
 
 
 def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
-           fov_end: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           fov_end: float = 0.0, contrast: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     pairs = []
     for i in rng.integers(len(pool.images), size=n):
         image, target = pool.images[i], pool.targets[i]
         if fov_end and rng.random() < fov_end:
             image, target = data.end_field_of_view(image, target, rng)
-        pairs.append(augment(image, target, rng, crop, data.IGNORE))
+        image, target = augment(image, target, rng, crop, data.IGNORE)
+        if contrast and rng.random() < contrast:
+            image = random_contrast(image, rng)
+        pairs.append((image, target))
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -142,9 +146,9 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     net.train()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="spine-seg", unit="it")
     for it in bar:
-        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end)
+        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end, cfg.random_contrast)
         if n_real:
-            xr, yr = _batch(real, n_real, rng, cfg.crop)
+            xr, yr = _batch(real, n_real, rng, cfg.crop, contrast=cfg.random_contrast)
             xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
         logits = net(torch.from_numpy(xs))
         loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight)
