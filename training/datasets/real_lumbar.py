@@ -114,13 +114,8 @@ def split(case_ids: list[str], fold: int | str, folds: int = 3) -> tuple[list[st
     """(train, held-out) case ids of one cross-validation fold, stratified by dataset: every
     `folds`-th case of each dataset (in id order) is held out, so each fold sees every scanner type.
     A dataset's name as `fold` holds out that whole dataset: scanners and a site never seen."""
-    datasets = sorted({c.split("_")[0] for c in case_ids})
-    held: list[str] = []
-    if isinstance(fold, str):
-        if fold not in datasets:
-            raise ValueError(f"no real cases of dataset {fold!r} to hold out; the datasets here are {', '.join(datasets)}")
-        held = [c for c in case_ids if c.split("_")[0] == fold]
-    for dataset in datasets if isinstance(fold, int) else []:
-        ids = sorted(c for c in case_ids if c.split("_")[0] == dataset)
-        held += ids[fold::folds]
+    by_dataset = {d: sorted(c for c in case_ids if c.split("_")[0] == d) for d in sorted({c.split("_")[0] for c in case_ids})}
+    if isinstance(fold, str) and fold not in by_dataset:
+        raise ValueError(f"no real cases of dataset {fold!r} to hold out; the datasets here are {', '.join(by_dataset)}")
+    held = by_dataset[fold] if isinstance(fold, str) else [c for ids in by_dataset.values() for c in ids[fold::folds]]
     return [c for c in sorted(case_ids) if c not in held], sorted(held)
