@@ -9,9 +9,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from structured_reports.model import LORDOSIS_THRESHOLDS_DEG
-
 AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 printable chars, no backslash
+
+
+# L1-S1 below the first is hypolordosis, above the second hyperlordosis (seed 003); sites may set their own.
+# Here, not beside ResultOptions: this module stays free of numpy and pydicom, which the receivers import.
+LORDOSIS_THRESHOLDS_DEG = (39.0, 53.0)
 
 
 # The rule the lumbar pipelines ship with (conf/node.yaml and the demo): one job per study on its

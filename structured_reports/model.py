@@ -9,11 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 from pydicom.sr.coding import Code
 
+from dicomnode.config import LORDOSIS_THRESHOLDS_DEG
 from structured_reports.codes import ARTIFICIAL_INTELLIGENCE
 
 Point = tuple[float, float]
-# L1-S1 below the first is hypolordosis, above the second hyperlordosis (seed 003); sites may set their own
-LORDOSIS_THRESHOLDS_DEG = (39.0, 53.0)
 
 
 @dataclass(frozen=True)
