@@ -14,10 +14,11 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
+from dicomnode.config import LORDOSIS_THRESHOLDS_DEG
 from pipelines import spine_seg
 from pipelines.registry import Pipeline, register
 from pipelines.series import Series, pick_series
-from structured_reports.model import LORDOSIS_THRESHOLDS_DEG, Angle, Line, ResultOptions
+from structured_reports.model import Angle, Line, ResultOptions
 from structured_reports.writer import write_results
 from training.phantom.anatomy import LABEL_VALUES
 

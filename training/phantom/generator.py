@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from structured_reports.model import LORDOSIS_THRESHOLDS_DEG
+from dicomnode.config import LORDOSIS_THRESHOLDS_DEG
 from training.dicom_writer import StudyInfo, write_mr_series
 from training.phantom.acquisition import acquisitions, study_info
 from training.phantom.anatomy import (
