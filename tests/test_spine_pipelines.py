@@ -487,6 +487,15 @@ def test_an_ensemble_folder_averages_its_members(lumbar_studies: list[Path], tmp
         evaluate(folder, tmp_path / "report", [4001])
 
 
+def test_evaluation_refuses_real_cases_the_model_trained_on(tmp_path: Path) -> None:
+    """The shipped model trained on folds 1 and 2 and on two thirds of VB3: evaluating on either is
+    refused before any phantom is rendered, naming the cases."""
+    for fold in (1, "VB3"):
+        with pytest.raises(ValueError, match=r"real cases \[.*'VB3_\d\d'.*\] were used in training"):
+            evaluate(MODEL_DIR, tmp_path / "report", [5000], fold)
+    assert not (tmp_path / "report").exists()
+
+
 def test_training_writes_a_model_folder_that_resumes_and_runs(lumbar_studies: list[Path], tmp_path: Path) -> None:
     """A tiny 2.5-D run (one phantom seed, one real case, a few iterations) through the real trainer:
     it writes a self-describing folder, resumes from its checkpoint instead of starting again, and the

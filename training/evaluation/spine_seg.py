@@ -200,16 +200,21 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int | s
     metrics are left as they are. With `training_fit`, the real cases the model trained on are
     measured too, apart: a fit hardly better than the held-out figures means the model does not
     memorise them, so regularisation is not what it lacks."""
-    from training.datasets.real_lumbar import case_to_dicom, load_cases, split
+    from training.datasets.real_lumbar import case_paths, case_to_dicom, load_case, split
     from training.phantom.generator import PhantomOptions, generate_study
 
     model = Model(model_dir)
-    out.mkdir(parents=True, exist_ok=True)
     trained_on = set(model.description["training"].get("real_case_ids", []))
     trained_seeds = set(model.description["training"].get("phantom_seeds", []))
     trained_seeds |= set(model.description["training"].get("validation_phantom_seeds", []))
     if trained_seeds & set(phantom_seeds):
         raise ValueError(f"phantom seeds {sorted(trained_seeds & set(phantom_seeds))[:5]}... were used in training or validation")
+    paths = {path.stem: path for path in case_paths()}  # a case's id is its file name; each is read when measured
+    held = split(sorted(paths), fold)[1]
+    leaked = trained_on & set(held)
+    if leaked:
+        raise ValueError(f"real cases {sorted(leaked)} were used in training; evaluate another fold")
+    out.mkdir(parents=True, exist_ok=True)
     phantom, real = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for i, seed in enumerate(tqdm(phantom_seeds, desc="phantom held out", unit="study")):
@@ -222,19 +227,14 @@ def evaluate(model_dir: Path, out: Path, phantom_seeds: list[int], fold: int | s
             r.reference_angles = truth["lordosis_deg"]
             r.name, r.contrast = f"phantom {seed} {contrast}", contrast
             phantom.append(r)
-        cases = {c.case_id: c for c in load_cases()}
-        held = split(sorted(cases), fold)[1]
-        leaked = trained_on & set(held)
-        if leaked:
-            raise ValueError(f"real cases {sorted(leaked)} were used in training; evaluate another fold")
         fit: list[StudyResult] = []
         groups = [("real held out", held, real)]
         if training_fit:
-            groups.append(("real training cases (fit)", sorted(trained_on & set(cases)), fit))
+            groups.append(("real training cases (fit)", sorted(trained_on & set(paths)), fit))
         for desc, ids, results in groups:
             for cid in tqdm(ids, desc=desc, unit="case"):
                 folder = Path(tmp) / cid
-                case_to_dicom(cases[cid], folder)
+                case_to_dicom(load_case(paths[cid]), folder)
                 results.append(evaluate_study(folder, model, BODIES + DISCS))
     metrics = report(model, phantom, real, out, phantom_seeds, held, fov_end_mm, fit)
     if fov_end_mm is None:
