@@ -264,9 +264,12 @@ def _train(args: argparse.Namespace) -> int:
     cfg.lr = args.lr or cfg.lr
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight
-    ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
-    cfg.real_cases = ids if isinstance(args.fold, int) and args.fold < 0 else split(ids, args.fold)[0]
-    out = train(cfg, Path(args.out), Path(args.cache))
+    try:
+        ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
+        cfg.real_cases = ids if isinstance(args.fold, int) and args.fold < 0 else split(ids, args.fold)[0]
+        out = train(cfg, Path(args.out), Path(args.cache))
+    except (FileNotFoundError, ValueError) as e:  # an unknown dataset or case, a model folder that does not fit
+        raise SystemExit(f"error: {e}")
     print(f"model folder written: {out}")
     return 0
 
