@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from dicomnode import __version__
 
@@ -231,6 +232,19 @@ def _fold(text: str) -> int | str:
     return int(text) if text.lstrip("-").isdigit() else text
 
 
+def _plain_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """What an administrator gave wrong (an unknown dataset, a folder that is not a model, data that
+    do not fit) ends in one line saying so, as the other commands do, not in a traceback."""
+    @functools.wraps(command)
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return command(args)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"error: {e}")
+    return run
+
+
+@_plain_errors
 def _train(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.model in FINDINGS_MODULES:
@@ -264,16 +278,14 @@ def _train(args: argparse.Namespace) -> int:
     cfg.lr = args.lr or cfg.lr
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight
-    try:
-        ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
-        cfg.real_cases = ids if isinstance(args.fold, int) and args.fold < 0 else split(ids, args.fold)[0]
-        out = train(cfg, Path(args.out), Path(args.cache))
-    except (FileNotFoundError, ValueError) as e:  # an unknown dataset or case, a model folder that does not fit
-        raise SystemExit(f"error: {e}")
+    ids = [path.stem for path in case_paths(Path(cfg.real_dir))]  # a case's id is its file name
+    cfg.real_cases = ids if isinstance(args.fold, int) and args.fold < 0 else split(ids, args.fold)[0]
+    out = train(cfg, Path(args.out), Path(args.cache))
     print(f"model folder written: {out}")
     return 0
 
 
+@_plain_errors
 def _ensemble(args: argparse.Namespace) -> int:
     from training.evaluation.ensemble import search, write_ensemble
 
@@ -287,23 +299,21 @@ def _ensemble(args: argparse.Namespace) -> int:
     return 0
 
 
+@_plain_errors
 def _evaluate(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        if args.model in FINDINGS_MODULES:
-            name, seeds = FINDINGS_MODULES[args.model][0], HELD_OUT[args.model]
-            model_dir = importlib.import_module(f"pipelines.{name}").MODEL_DIR
-            evaluate = importlib.import_module(f"training.evaluation.{name}").evaluate
-            metrics = evaluate(Path(args.model_folder or model_dir), Path(args.out), _seeds(args.phantom_seeds or seeds),
-                               args.end_to_end)
-        else:
-            from pipelines.spine_seg import MODEL_DIR
-            from training.evaluation.spine_seg import evaluate
+    if args.model in FINDINGS_MODULES:
+        name, seeds = FINDINGS_MODULES[args.model][0], HELD_OUT[args.model]
+        model_dir = importlib.import_module(f"pipelines.{name}").MODEL_DIR
+        evaluate = importlib.import_module(f"training.evaluation.{name}").evaluate
+        metrics = evaluate(Path(args.model_folder or model_dir), Path(args.out), _seeds(args.phantom_seeds or seeds),
+                           args.end_to_end)
+    else:
+        from pipelines.spine_seg import MODEL_DIR
+        from training.evaluation.spine_seg import evaluate
 
-            metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds or "5000-5029"),
-                               args.fold, tuple(args.phantom_fov_end) if args.phantom_fov_end else None, args.training_fit)
-    except (FileNotFoundError, ValueError) as e:
-        raise SystemExit(f"error: {e}")
+        metrics = evaluate(Path(args.model_folder or MODEL_DIR), Path(args.out), _seeds(args.phantom_seeds or "5000-5029"),
+                           args.fold, tuple(args.phantom_fov_end) if args.phantom_fov_end else None, args.training_fit)
     for key, value in _figures(metrics):
         print(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     print(f"report: {Path(args.out) / 'report.md'}")
