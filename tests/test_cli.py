@@ -48,6 +48,17 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path: Path) -> None:
     assert not any(tmp_path.rglob("*.dcm"))
 
 
+def test_training_and_evaluation_mistakes_say_what_without_a_traceback(tmp_path: Path) -> None:
+    """An unknown dataset, an empty real-data folder, a folder that is not a model: one line each,
+    no Python traceback, and no model folder or report left behind."""
+    for args, said in ((["train", "spine-seg", "--fold", "VB2"], "error: no real cases of dataset 'VB2'"),
+                       (["train", "spine-seg", "--real-dir", str(tmp_path)], "error: no real cases"),
+                       (["evaluate", "spine-seg", "--model-folder", str(tmp_path)], "is not a model folder")):
+        r = run(*args, "--out", str(tmp_path / "out"))
+        assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_sends_a_study_through_the_node_and_shows_the_results(tmp_path: Path) -> None:
     r = run("demo", "--out", str(tmp_path), "--seed", "3")
     assert r.returncode == 0, r.stdout + r.stderr

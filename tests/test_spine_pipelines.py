@@ -26,7 +26,7 @@ from training.evaluation.metrics import dice
 from training.evaluation.spine_seg import edge_offsets, evaluate, recall_by_cut, reference_split
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
-from training.trainers.common import random_contrast
+from training.trainers.common import git_commit, random_contrast
 
 NAMED = ["L1", "L2", "L3", "L4", "L5", "S1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1", "canal"]
 
@@ -463,6 +463,37 @@ def test_random_contrast_lets_tissues_trade_brightness() -> None:
     assert np.array_equal(out[3], random_contrast(image, np.random.default_rng(3)))
     swapped = sum(o[0, 0] > o[0, 1] for o in out)
     assert 0 < swapped < 20
+
+
+def test_random_contrast_can_leave_the_phantom_as_designed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With `random_contrast_real_only` the curve reaches the real slices of a batch and none of the
+    phantom's (whose designed contrasts the phantom targets are measured on); without it, both."""
+    from training.datasets.spine_seg import Slices
+    from training.trainers import spine_seg as trainer
+
+    monkeypatch.setattr(trainer, "random_contrast", lambda image, rng: np.full_like(image, 7.0))  # marks what it reached
+    pool = Slices([np.random.default_rng(0).random((40, 40), np.float32)] * 3, [np.zeros((40, 40), np.uint8)] * 3, ["x"] * 3)
+    cfg = trainer.SpineSegConfig(batch=8, crop=32, random_contrast=1.0, random_contrast_real_only=True)
+    xs, _ = trainer.training_batch(pool, pool, 3, cfg, np.random.default_rng(0))
+    assert [bool((x == 7.0).all()) for x in xs] == [False] * 5 + [True] * 3
+    xs, _ = trainer.training_batch(pool, pool, 3, replace(cfg, random_contrast_real_only=False), np.random.default_rng(0))
+    assert all((x == 7.0).all() for x in xs)
+
+
+def test_a_model_folder_says_when_it_was_trained_from_uncommitted_code(tmp_path: Path) -> None:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    git("init", "-q")
+    (tmp_path / "a.py").write_text("x = 1\n")
+    git("add", "a.py")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "a")
+    head = git("rev-parse", "HEAD")
+    (tmp_path / "notes.txt").write_text("untracked files are not the code\n")
+    assert git_commit(tmp_path) == head
+    (tmp_path / "a.py").write_text("x = 2\n")
+    assert git_commit(tmp_path) == head + "+uncommitted"
+    assert git_commit(tmp_path / "not-a-repo") == "unknown"
 
 
 def test_weight_grid_covers_the_simplex() -> None:

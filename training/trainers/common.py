@@ -64,9 +64,13 @@ def seed_text(seeds: list[int]) -> str:
 
 
 def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
+    """HEAD, with "+uncommitted" when tracked files differ from it: weights trained from code that was
+    never committed must not pass for that commit's."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, check=True).stdout.strip()
+
     try:
-        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return git("rev-parse", "HEAD") + ("+uncommitted" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
