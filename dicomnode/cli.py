@@ -264,7 +264,8 @@ def _train(args: argparse.Namespace) -> int:
     from training.trainers.spine_seg import SpineSegConfig, train
 
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
-                         fov_end=args.fov_end, random_contrast=args.random_contrast, s1_from=args.s1_from,
+                         fov_end=args.fov_end, random_contrast=args.random_contrast,
+                         random_contrast_real_only=args.random_contrast_real_only, s1_from=args.s1_from,
                          init_from=args.init_from)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
@@ -425,6 +426,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "slices lateral to the spine) is not of the labelled kind (spine-seg 1.1's recipe; --no-run-rows: 1.0's)")
     tr.add_argument("--random-contrast", type=float, default=0.0, help="spine-seg: share of training slices whose "
                     "intensities go through a random curve, tissues trading brightness (sequences and scanners never seen)")
+    tr.add_argument("--random-contrast-real-only", action="store_true", help="spine-seg: only real slices go through "
+                    "--random-contrast; the phantom keeps its designed T1, T2 and STIR contrasts")
     tr.add_argument("--fov-end", type=float, default=0.0, help="spine-seg: share of phantom slices whose field of "
                     "view is made to end inside S1, as most real sagittal series do (default 0: 1.1's recipe)")
     tr.add_argument("--s1-from", metavar="MODEL_DIR", help="spine-seg: label S1 in the real training cases where "

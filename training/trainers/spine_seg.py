@@ -41,6 +41,7 @@ class SpineSegConfig:
     run_rows: bool = True  # real cases: unlabelled voxels in the rows inside the labelled run, lateral slices too, are not that kind
     fov_end: float = 0.0  # share of phantom slices whose field of view ends inside S1, as real series do
     random_contrast: float = 0.0  # share of slices whose intensities go through a random curve (common.random_contrast)
+    random_contrast_real_only: bool = False  # the phantom keeps its designed contrasts (random ones cost its Dice)
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
     init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
@@ -107,6 +108,18 @@ def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
+def training_batch(phantom: data.Slices, real: data.Slices, n_real: int, cfg: SpineSegConfig,
+                   rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One batch: `n_real` real slices after the phantom ones, each augmented, `cfg.random_contrast`
+    of them through a random intensity curve (of the real ones alone with `random_contrast_real_only`)."""
+    phantom_contrast = 0.0 if cfg.random_contrast_real_only else cfg.random_contrast
+    xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end, phantom_contrast)
+    if n_real:
+        xr, yr = _batch(real, n_real, rng, cfg.crop, contrast=cfg.random_contrast)
+        xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
+    return xs, ys
+
+
 def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
     """The `init_from` folder's weights, if any, once its network is known to match this run's."""
     if not cfg.init_from:
@@ -122,6 +135,7 @@ def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
 def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
     rng = seed_everything(cfg.seed)
+    commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     initial = _initial_weights(cfg)  # a folder that does not fit fails before the rendering
     phantom, real = collect(cfg, cache)
@@ -146,10 +160,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     net.train()
     bar = tqdm(range(start, cfg.iterations), initial=start, total=cfg.iterations, desc="spine-seg", unit="it")
     for it in bar:
-        xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end, cfg.random_contrast)
-        if n_real:
-            xr, yr = _batch(real, n_real, rng, cfg.crop, contrast=cfg.random_contrast)
-            xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
+        xs, ys = training_batch(phantom, real, n_real, cfg, rng)
         logits = net(torch.from_numpy(xs))
         loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight)
         optimise(loss, opt, sched, losses, bar)
@@ -169,7 +180,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         "training": {**asdict(cfg), "phantom_slices": len(phantom.images), "real_slices": len(real.images),
                      "real_case_ids": sorted({o.split(":", 1)[1] for o in real.origin}),
                      "final_loss": float(np.mean(losses[-100:])), "seconds": round(time.time() - t0, 1)},
-        "commit": git_commit(), "metrics": {},
+        "commit": commit, "metrics": {},
     }
     write_model_folder(out, net.state_dict(), description)
     return out
