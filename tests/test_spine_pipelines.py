@@ -481,6 +481,7 @@ def test_random_contrast_can_leave_the_phantom_as_designed(monkeypatch: pytest.M
 
 
 def test_a_model_folder_says_when_it_was_trained_from_uncommitted_code(tmp_path: Path) -> None:
+    """HEAD alone for a clean checkout (untracked files aside), HEAD+uncommitted once a tracked file changes."""
     def git(*args: str) -> str:
         return subprocess.run(["git", "-C", str(tmp_path), *args], capture_output=True, text=True, check=True).stdout.strip()
 

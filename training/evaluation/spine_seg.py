@@ -327,8 +327,9 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     d = model.description
     fov = m["phantom"].get("fov_end_mm_below_s1_top")
     cut = f", field of view ending {fov[0]:g} to {fov[1]:g} mm below the top of S1" if fov else ""
+    commit = f"`{d['commit'][:10]}`" + (" with uncommitted changes" if d["commit"].endswith("+uncommitted") else "")
     lines = [f"# spine-seg {d['version']}: evaluation on data it did not train on", "",
-             f"Model: commit `{d['commit'][:10]}`{' with uncommitted changes' * d['commit'].endswith('+uncommitted')}, trained on {d['training']['phantom_slices']} phantom slices "
+             f"Model: commit {commit}, trained on {d['training']['phantom_slices']} phantom slices "
              f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
              f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
              *_ensemble_line(d),
