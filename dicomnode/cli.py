@@ -6,6 +6,7 @@ import argparse
 import functools
 import importlib
 import logging
+import os
 import sys
 import tempfile
 import time
@@ -234,13 +235,16 @@ def _fold(text: str) -> int | str:
 
 def _plain_errors(command: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """What an administrator gave wrong (an unknown dataset, a folder that is not a model, data that
-    do not fit) ends in one line saying so, as the other commands do, not in a traceback."""
+    do not fit) ends in one line saying so, as the other commands do, not in a traceback. A bug
+    raises the same exception types, so DICOMNODE_DEBUG=1 keeps the traceback."""
     @functools.wraps(command)
     def run(args: argparse.Namespace) -> int:
         try:
             return command(args)
         except (FileNotFoundError, ValueError) as e:
-            raise SystemExit(f"error: {e}")
+            if os.environ.get("DICOMNODE_DEBUG"):
+                raise
+            raise SystemExit(f"error: {e} (DICOMNODE_DEBUG=1 shows where)")
     return run
 
 

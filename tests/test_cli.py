@@ -50,13 +50,16 @@ def test_bad_arguments_fail_with_a_clear_message(tmp_path: Path) -> None:
 
 def test_training_and_evaluation_mistakes_say_what_without_a_traceback(tmp_path: Path) -> None:
     """An unknown dataset, an empty real-data folder, a folder that is not a model: one line each,
-    no Python traceback, and no model folder or report left behind."""
+    no Python traceback, and no model folder or report left behind; DICOMNODE_DEBUG=1 keeps the traceback."""
     for args, said in ((["train", "spine-seg", "--fold", "VB2"], "error: no real cases of dataset 'VB2'"),
                        (["train", "spine-seg", "--real-dir", str(tmp_path)], "error: no real cases"),
                        (["evaluate", "spine-seg", "--model-folder", str(tmp_path)], "is not a model folder")):
         r = run(*args, "--out", str(tmp_path / "out"))
         assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
+    r = subprocess.run([*dicomnode_cmd(), "train", "spine-seg", "--fold", "VB2", "--out", str(tmp_path / "out")],
+                       capture_output=True, text=True, env=dicomnode_env(DICOMNODE_DEBUG="1"))
+    assert r.returncode != 0 and "Traceback" in r.stderr and "in split" in r.stderr  # where it was raised, for a bug report
 
 
 def test_demo_sends_a_study_through_the_node_and_shows_the_results(tmp_path: Path) -> None:
