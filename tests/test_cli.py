@@ -13,8 +13,8 @@ from tests.conftest import read_series
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*dicomnode_cmd(), *args], capture_output=True, text=True, env=dicomnode_env())
+def run(*args: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*dicomnode_cmd(), *args], capture_output=True, text=True, env=dicomnode_env(**env))
 
 
 def test_phantom_command_writes_dicom_and_truth(tmp_path: Path) -> None:
@@ -57,8 +57,7 @@ def test_training_and_evaluation_mistakes_say_what_without_a_traceback(tmp_path:
         r = run(*args, "--out", str(tmp_path / "out"))
         assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "out").exists()
-    r = subprocess.run([*dicomnode_cmd(), "train", "spine-seg", "--fold", "VB2", "--out", str(tmp_path / "out")],
-                       capture_output=True, text=True, env=dicomnode_env(DICOMNODE_DEBUG="1"))
+    r = run("train", "spine-seg", "--fold", "VB2", "--out", str(tmp_path / "out"), DICOMNODE_DEBUG="1")
     assert r.returncode != 0 and "Traceback" in r.stderr and "in split" in r.stderr  # where it was raised, for a bug report
 
 
