@@ -190,6 +190,7 @@ def per_condition(samples: data.DegenerationSamples, probs: dict[str, np.ndarray
 
 def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
     rng = seed_everything(cfg.seed)
+    commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     t0 = time.time()
     tr = collect(cfg.train_seeds, cache, cfg.workers, "training studies")
     va = collect(cfg.validation_seeds, cache, cfg.workers, "validation studies")
@@ -232,7 +233,7 @@ def train(cfg: DegenerationConfig, out: Path, cache: Path) -> Path:
         "validation": {"seeds": [min(cfg.validation_seeds), max(cfg.validation_seeds)], **validation},
         "training": {**asdict(cfg), "grade_counts": counts, "study_counts": np.bincount(ys, minlength=4).tolist(),
                      "final_loss": losses, "seconds": round(time.time() - t0, 1)},
-        "commit": git_commit(), "metrics": {},
+        "commit": commit, "metrics": {},
     }
     write_model_folder(out, {f"{view}.{k}": v for view, net in nets.items() for k, v in net.state_dict().items()}, description)
     (out / SVM_FILE).write_bytes(pickle.dumps(svm))

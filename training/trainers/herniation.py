@@ -203,6 +203,7 @@ def user_data(root: Path) -> tuple[dict[str, Path], tuple, tuple]:
 
 def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
     rng = seed_everything(cfg.seed)
+    commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     t0 = time.time()
     if cfg.data_dir:
         yolo, (x, y), (xv, yv) = user_data(Path(cfg.data_dir))
@@ -245,7 +246,7 @@ def train(cfg: HerniationConfig, out: Path, cache: Path) -> Path:
                        "herniated": int(yv.sum()), "classifiers": validation},
         "training": {**asdict(cfg), "crops": len(y), "herniated": int(y.sum()), "final_loss": losses,
                      "seconds": round(time.time() - t0, 1)},
-        "commit": git_commit(), "metrics": {},
+        "commit": commit, "metrics": {},
     }
     state = {f"{name}.{k}": v for name, net in nets.items() for k, v in net.state_dict().items()}
     write_model_folder(out, state, description)

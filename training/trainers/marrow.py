@@ -162,6 +162,7 @@ def _augment(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def train(cfg: MarrowConfig, out: Path, cache: Path) -> Path:
     rng = seed_everything(cfg.seed)
+    commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     train_crops = collect(cfg.train_seeds, cfg.jitter, cache, cfg.workers, "training studies")
     val_crops = collect(cfg.validation_seeds, 0, cache, cfg.workers, "validation studies")
     x, y = train_crops.arrays()
@@ -200,7 +201,7 @@ def train(cfg: MarrowConfig, out: Path, cache: Path) -> Path:
                        "classifiers": table},
         "training": {**asdict(cfg), "crops": len(y), "class_counts": counts.astype(int).tolist(),
                      "final_loss": float(np.mean(losses[-100:])), "seconds": round(time.time() - t0, 1)},
-        "commit": git_commit(), "metrics": {},
+        "commit": commit, "metrics": {},
     }
     write_model_folder(out, net.state_dict(), description)
     (out / CLASSIFIER_FILE).write_bytes(pickle.dumps(fitted[best]))
