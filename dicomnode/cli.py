@@ -292,10 +292,14 @@ def _train(args: argparse.Namespace) -> int:
 
 @_plain_errors
 def _ensemble(args: argparse.Namespace) -> int:
-    from training.evaluation.ensemble import search, write_ensemble
+    from training.evaluation.ensemble import chosen_weights, search, write_ensemble
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     members = [Path(m) for m in args.members]
+    if args.weights:
+        out = write_ensemble(members, chosen_weights(args.weights, len(members)), Path(args.out), args.version)
+        print(f"weights {args.weights} as given (no search); model folder written: {out}")
+        return 0
     found = search(members, _seeds(args.validation_seeds), args.step)
     for row in found["grid"]:
         print(f"weights {row['weights']}: validation mean Dice {row['mean_dice']:.4f}")
@@ -457,6 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--out", required=True, help="ensemble model folder to write")
     en.add_argument("--validation-seeds", default="4000-4011", help="phantom seeds used by neither training nor evaluation")
     en.add_argument("--step", type=float, default=0.1, help="weight grid step")
+    en.add_argument("--weights", type=float, nargs="+", metavar="W", help="one weight per member, instead of the "
+                    "search (for a trade-off the phantom validation cannot see); recorded as chosen, not searched")
     en.add_argument("--version", required=True, help="version of the ensemble model")
     en.set_defaults(func=_ensemble)
 

@@ -21,9 +21,9 @@ from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_level
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_env, free_port, wait_for
 from training.datasets.spine_seg import phantom_classes
-from training.evaluation.ensemble import weight_grid, write_ensemble
+from training.evaluation.ensemble import chosen_weights, weight_grid, write_ensemble
 from training.evaluation.metrics import dice
-from training.evaluation.spine_seg import edge_offsets, evaluate, recall_by_cut, reference_split
+from training.evaluation.spine_seg import edge_offsets, ensemble_line, evaluate, recall_by_cut, reference_split
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 from training.trainers.common import git_commit, random_contrast
@@ -517,6 +517,24 @@ def test_an_ensemble_folder_averages_its_members(lumbar_studies: list[Path], tmp
         write_ensemble([folder], found, tmp_path / "nested", "test")
     with pytest.raises(ValueError, match="used in training or validation"):
         evaluate(folder, tmp_path / "report", [4001])
+
+
+def test_ensemble_weights_given_by_hand_are_checked_and_reported_as_such(tmp_path: Path) -> None:
+    """Weights given instead of searched (no validation seeds): one per member, >= 0, summing to 1;
+    the report says they were chosen, where a searched ensemble names its validation seeds."""
+    for bad, why in (([0.5], "one weight per member"), ([0.7, 0.7], "sum to 1"), ([1.5, -0.5], ">= 0")):
+        with pytest.raises(ValueError, match=why):
+            chosen_weights(bad, 2)
+    member = single_network_folder()
+    folder = write_ensemble([member, member], chosen_weights([0.75, 0.25], 2), tmp_path / "chosen", "test")
+    d = json.loads((folder / "model.json").read_text())
+    assert [m["weight"] for m in d["members"]] == [0.75, 0.25]
+    v = json.loads((member / "model.json").read_text())["version"]
+    assert ensemble_line(d) == [f"Weighted-average ensemble of member-1-{v} (weight 0.75), member-2-{v} (weight 0.25); "
+                                "weights chosen by hand, not searched."]
+    searched = {"weights": [0.3, 0.7], "validation_dice": 0.9, "validation_phantom_seeds": [4000, 4011], "grid": []}
+    d = json.loads((write_ensemble([member, member], searched, tmp_path / "searched", "test") / "model.json").read_text())
+    assert "validation phantom seeds 4000-4011 (mean Dice 0.900)" in ensemble_line(d)[0]
 
 
 def test_evaluation_refuses_real_cases_the_model_trained_on(tmp_path: Path) -> None:

@@ -63,6 +63,16 @@ def search(members: list[Path], seeds: list[int], step: float = 0.1) -> dict:
             "grid": [{"weights": list(w), "mean_dice": round(float(d), 4)} for w, d in zip(grid, mean)]}
 
 
+def chosen_weights(weights: list[float], members: int) -> dict:
+    """Weights given instead of searched, for a trade-off that the phantom validation set cannot see
+    (robustness on scanners never seen); the folder records that no search chose them."""
+    if len(weights) != members:
+        raise ValueError(f"{len(weights)} weights given for {members} member folders: give one weight per member")
+    if min(weights) < 0 or abs(sum(weights) - 1) > 1e-6:
+        raise ValueError(f"ensemble weights {weights} must be >= 0 and sum to 1")
+    return {"weights": list(weights), "validation_dice": None, "validation_phantom_seeds": [], "grid": []}
+
+
 def write_ensemble(members: list[Path], found: dict, out: Path, version: str) -> Path:
     """An ensemble model folder: each member folder copied under its own name, and a model.json that
     lists them with their weights and describes the whole (what it trained and was validated on)."""

@@ -313,11 +313,13 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else f"{v:.3f}"
 
 
-def _ensemble_line(d: dict) -> list[str]:
+def ensemble_line(d: dict) -> list[str]:
     if not d.get("members"):
         return []
-    members = ", ".join(f"{m['folder']} (weight {m['weight']:.1f})" for m in d["members"])
+    members = ", ".join(f"{m['folder']} (weight {m['weight']:g})" for m in d["members"])
     val = d["training"]["validation_phantom_seeds"]
+    if not val:
+        return [f"Weighted-average ensemble of {members}; weights chosen by hand, not searched."]
     return [f"Weighted-average ensemble of {members}; weights by grid search on validation phantom seeds "
             f"{min(val)}-{max(val)} (mean Dice {d['training']['weight_search']['validation_dice']:.3f})."]
 
@@ -332,7 +334,7 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
              f"Model: commit {commit}, trained on {d['training']['phantom_slices']} phantom slices "
              f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
              f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
-             *_ensemble_line(d),
+             *ensemble_line(d),
              f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn{cut}). "
              f"Real held out: {len(held)} cases ({', '.join(held)}).", "",
              "| structure | phantom Dice | phantom IoU | real Dice | real IoU |", "|---|---|---|---|---|"]
