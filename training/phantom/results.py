@@ -65,8 +65,7 @@ def truth_results(study: Path, series_number: int = 1) -> TruthResults:
     mid = sources[k]
     angles = [Angle(span, float(truth["lordosis_deg"][span]), str(mid.SOPInstanceUID),
                     tuple(Line(to_pixel(mid, endplates[e][0]), to_pixel(mid, endplates[e][1])) for e in ends),  # type: ignore[arg-type]
-                    category=(("normal_lordosis" if truth["lordosis_class"] == "normal" else truth["lordosis_class"])
-                              if span == "L1-S1" else None))
+                    category=truth["lordosis_class"] if span == "L1-S1" else None)
               for span, ends in ANGLE_LINES.items()]
 
     boxes = {b["slice_index"]: b["discs"] for b in entry.get("boxes", [])}
