@@ -118,8 +118,8 @@ def test_lordosis_covers_10_to_80_and_classes_follow_thresholds() -> None:
     angles = [design_study(s).lordosis["L1-S1"] for s in range(40)]
     assert min(angles) < 25 and max(angles) > 60
     assert all(10 - 1e-6 <= a <= 80 + 1e-6 for a in angles)
-    assert category(38.9) == "hypolordosis" and category(39) == "normal_lordosis"
-    assert category(53) == "normal_lordosis" and category(53.1) == "hyperlordosis"
+    assert category(38.9) == "hypolordosis" and category(39) == "normal"
+    assert category(53) == "normal" and category(53.1) == "hyperlordosis"
 
 
 def _patch(d, centre: np.ndarray, x_half: float) -> tuple[list[SlicePlane], list[np.ndarray]]:

@@ -32,7 +32,7 @@ from training.phantom.anatomy import LABEL_VALUES
 
 BODIES = ["L1", "L2", "L3", "L4", "L5", "S1"]
 DISCS = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
-CLASSES = ["hypolordosis", "normal_lordosis", "hyperlordosis"]
+CLASSES = ["hypolordosis", "normal", "hyperlordosis"]
 
 
 @dataclass
@@ -298,7 +298,7 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
         metrics["real_training_fit"] = {"cases": len(fit), "dice": {k: _mean(fit, k) for k in re_dice if "any level" in k},
                                         "angle_L1-L5": {"mae": float(np.mean(errors)) if errors else None, "n": len(errors)}}
     cls = [(category(r.reference_angles["L1-S1"]), r.angles.get("L1-S1")) for r in phantom]
-    cls_pred = [category(p) if p is not None else "normal_lordosis" for _, p in cls]
+    cls_pred = [category(p) if p is not None else "normal" for _, p in cls]
     m = confusion([t for t, _ in cls], cls_pred, CLASSES, out / "phantom_lordosis_confusion.png",
                   "Phantom lordosis class (L1-S1; unmeasured counted as normal)")
     metrics["phantom"]["lordosis_class_accuracy"] = float(np.trace(m) / m.sum())

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 
+from pipelines.lordosis import SR_GRADE
 from structured_reports.codes import STRUCTURES
 from structured_reports.model import Angle, Finding, Line, Region, Segment
 from training.phantom.anatomy import LABEL_VALUES
@@ -65,7 +66,7 @@ def truth_results(study: Path, series_number: int = 1) -> TruthResults:
     mid = sources[k]
     angles = [Angle(span, float(truth["lordosis_deg"][span]), str(mid.SOPInstanceUID),
                     tuple(Line(to_pixel(mid, endplates[e][0]), to_pixel(mid, endplates[e][1])) for e in ends),  # type: ignore[arg-type]
-                    category=truth["lordosis_class"] if span == "L1-S1" else None)
+                    category=SR_GRADE[truth["lordosis_class"]] if span == "L1-S1" else None)
               for span, ends in ANGLE_LINES.items()]
 
     boxes = {b["slice_index"]: b["discs"] for b in entry.get("boxes", [])}
