@@ -17,6 +17,12 @@ AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")  # DICOM AE: 16 printable
 LORDOSIS_THRESHOLDS_DEG = (39.0, 53.0)
 
 
+def lordosis_class(l1_s1_deg: float, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> str:
+    """SPEC's class of an L1-S1 angle (results.json, the phantom's truth): hypolordosis, normal or hyperlordosis."""
+    lo, hi = thresholds
+    return "hypolordosis" if l1_s1_deg < lo else "hyperlordosis" if l1_s1_deg > hi else "normal"
+
+
 # The rule the lumbar pipelines ship with (conf/node.yaml and the demo): one job per study on its
 # best sagittal MR series, so T2, T1 and STIR of one study give one result, not three.
 LUMBAR_RULE: dict[str, Any] = {"name": "lumbar-sagittal", "scope": "study",

@@ -14,7 +14,7 @@ import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull
 
-from dicomnode.config import LORDOSIS_THRESHOLDS_DEG
+from dicomnode.config import LORDOSIS_THRESHOLDS_DEG, lordosis_class
 from pipelines import spine_seg
 from pipelines.registry import Pipeline, register
 from pipelines.series import Series, pick_series
@@ -33,12 +33,6 @@ SPANS = {"L1-S1": (("L1", "superior"), ("S1", "superior")), "L1-L5": (("L1", "su
 
 # results.json and the phantom's truth name the class as SPEC does; the SR codes it as a key of codes.GRADES
 SR_GRADE = {"hypolordosis": "hypolordosis", "normal": "normal_lordosis", "hyperlordosis": "hyperlordosis"}
-
-
-def category(angle: float, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> str:
-    """The class of an L1-S1 angle: hypolordosis, normal or hyperlordosis."""
-    lo, hi = thresholds
-    return "hypolordosis" if angle < lo else "hyperlordosis" if angle > hi else "normal"
 
 
 @dataclass(frozen=True)
@@ -208,7 +202,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
-                            SR_GRADE[category(deg, thresholds)] if span == "L1-S1" else None))
+                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None))
     by_span = {a.span: a for a in angles}
     if {"L1-S1", "L1-L5"} <= set(by_span) and by_span["L1-S1"].degrees < by_span["L1-L5"].degrees - IMPLAUSIBLE_DEG:
         problems.append(f"lordosis L1-S1 not reported: {by_span['L1-S1'].degrees:.1f} deg is less than L1-L5's "
@@ -225,7 +219,7 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     m = measure(labelled.labels, series, options.lordosis_thresholds_deg)
     angles = {a.span: a.degrees for a in m.angles}
     spine_seg.write_findings(out, {"lordosis": {  # SPEC's keys: angle_deg, class
-        "angle_deg": angles, "class": category(angles["L1-S1"], options.lordosis_thresholds_deg) if "L1-S1" in angles else None,
+        "angle_deg": angles, "class": lordosis_class(angles["L1-S1"], options.lordosis_thresholds_deg) if "L1-S1" in angles else None,
         "series": series.description, "thresholds_deg": list(options.lordosis_thresholds_deg),
         "problems": labelled.problems + m.problems}})
     # an angle not measured is in the SR too, without a value: the radiologist sees it was tried

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipelines.lordosis import category
+from dicomnode.config import lordosis_class
 from tests.conftest import patient_coords, read_series
 from training.datasets.spine_seg import FOV_END_MM, IGNORE, end_field_of_view
 from training.phantom.acquisition import acquisitions
@@ -118,8 +118,8 @@ def test_lordosis_covers_10_to_80_and_classes_follow_thresholds() -> None:
     angles = [design_study(s).lordosis["L1-S1"] for s in range(40)]
     assert min(angles) < 25 and max(angles) > 60
     assert all(10 - 1e-6 <= a <= 80 + 1e-6 for a in angles)
-    assert category(38.9) == "hypolordosis" and category(39) == "normal"
-    assert category(53) == "normal" and category(53.1) == "hyperlordosis"
+    assert lordosis_class(38.9) == "hypolordosis" and lordosis_class(39) == "normal"
+    assert lordosis_class(53) == "normal" and lordosis_class(53.1) == "hyperlordosis"
 
 
 def _patch(d, centre: np.ndarray, x_half: float) -> tuple[list[SlicePlane], list[np.ndarray]]:

@@ -15,7 +15,8 @@ import pytest
 import yaml
 from scipy import ndimage
 
-from pipelines.lordosis import SR_GRADE, category, central_slices, measure, midline_slice
+from dicomnode.config import lordosis_class
+from pipelines.lordosis import SR_GRADE, central_slices, measure, midline_slice
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
@@ -415,7 +416,7 @@ def test_process_writes_seg_and_sr_that_validate(lumbar_studies: list[Path], tmp
     measured = result["findings"]["lordosis"]
     angle = measured["angle_deg"]["L1-S1"]  # SPEC's results.json: angle_deg and class, labels as the truth's
     assert abs(angle - truth["lordosis_deg"]["L1-S1"]) < 10  # sanity; accuracy is in the evaluation
-    assert measured["thresholds_deg"] == [45, 60] and measured["class"] == category(angle, (45, 60))
+    assert measured["thresholds_deg"] == [45, 60] and measured["class"] == lordosis_class(angle, (45, 60))
     assert {measured["class"], truth["lordosis_class"]} <= {"hypolordosis", "normal", "hyperlordosis"}
     assert set(result["findings"]["spine-seg"]["structures"]) >= {"L1", "L5", "S1", "L4/L5", "canal"}
 

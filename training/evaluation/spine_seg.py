@@ -23,7 +23,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
-from pipelines.lordosis import category, measure, slice_angles, slice_endplates
+from dicomnode.config import lordosis_class
+from pipelines.lordosis import measure, slice_angles, slice_endplates
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -297,8 +298,8 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
                   if "L1-L5" in r.angles and "L1-L5" in r.reference_angles]
         metrics["real_training_fit"] = {"cases": len(fit), "dice": {k: _mean(fit, k) for k in re_dice if "any level" in k},
                                         "angle_L1-L5": {"mae": float(np.mean(errors)) if errors else None, "n": len(errors)}}
-    cls = [(category(r.reference_angles["L1-S1"]), r.angles.get("L1-S1")) for r in phantom]
-    cls_pred = [category(p) if p is not None else "normal" for _, p in cls]
+    cls = [(lordosis_class(r.reference_angles["L1-S1"]), r.angles.get("L1-S1")) for r in phantom]
+    cls_pred = [lordosis_class(p) if p is not None else "normal" for _, p in cls]
     m = confusion([t for t, _ in cls], cls_pred, CLASSES, out / "phantom_lordosis_confusion.png",
                   "Phantom lordosis class (L1-S1; unmeasured counted as normal)")
     metrics["phantom"]["lordosis_class_accuracy"] = float(np.trace(m) / m.sum())

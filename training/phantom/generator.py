@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipelines.lordosis import category
+from dicomnode.config import lordosis_class
 from training.dicom_writer import StudyInfo, write_mr_series
 from training.phantom.acquisition import acquisitions, study_info
 from training.phantom.anatomy import (
@@ -201,7 +201,7 @@ def truth_document(d: StudyDesign, info: StudyInfo) -> dict:
         "generator": "dicomnode phantom", "seed": d.seed, "study_instance_uid": info.study_instance_uid,
         "study_class": d.study_class,
         "lordosis_deg": {k: round(v, 3) for k, v in angles.items()},
-        "lordosis_class": category(angles["L1-S1"]),  # the pipeline's own rule, so its class can be compared
+        "lordosis_class": lordosis_class(angles["L1-S1"]),  # the pipeline's own rule, so its class can be compared
         "endplates_patient_mm": {
             "L1_superior": d.chain["L1"].endplate_points("superior").round(3).tolist(),
             "L5_inferior": d.chain["L5"].endplate_points("inferior").round(3).tolist(),

@@ -19,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from pipelines.lordosis import category  # noqa: E402
+from dicomnode.config import lordosis_class  # noqa: E402
 from training.datasets.real_lumbar import DEFAULT_DIR, RealCase, load_case  # noqa: E402
 from training.phantom.acquisition import acquisitions  # noqa: E402
 from training.phantom.anatomy import LABEL_VALUES, LUMBAR_DISCS, LUMBAR_VERTEBRAE  # noqa: E402
@@ -120,7 +120,7 @@ def parameter_ranges(n: int, workers: int = 2) -> tuple[list[tuple[str, float, f
         add("anatomy size factor", r["params"].size)
         add("canal AP diameter (mm)", 2 * r["params"].canal_ap_radius)
         counts["study class"][r["class"]] += 1
-        counts["lordosis class"][category(r["lordosis"]["L1-S1"])] += 1
+        counts["lordosis class"][lordosis_class(r["lordosis"]["L1-S1"])] += 1
         for lv, v in r["levels"].items():
             for k in counts:
                 if k in v:
