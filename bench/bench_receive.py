@@ -26,7 +26,7 @@ import numpy as np
 import pydicom
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, cpu_seconds, free_port, phantom_series, wait_for, wait_port  # noqa: E402
+from tests.node_helpers import NodeProcess, Orthanc, bulk_instances, cpu_seconds, dcmtk, free_port, phantom_series, wait_for, wait_port  # noqa: E402
 
 
 def make_instances(tmp: Path, n: int) -> list[Path]:
@@ -41,7 +41,7 @@ def make_instances(tmp: Path, n: int) -> list[Path]:
 def send(port: int, aec: str, files: list[Path], parallel: int) -> float:
     chunks = [files[i::parallel] for i in range(parallel)]
     t0 = time.perf_counter()
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, c)],
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port), *map(str, c)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for c in chunks]
     for p in procs:
         if p.wait() != 0:
@@ -54,7 +54,7 @@ def associations_per_second(port: int, aec: str, n: int = 50) -> float:
     association per instance meets (the client's own start-up included, the same for every receiver)."""
     t0 = time.perf_counter()
     for _ in range(n):
-        subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port)], check=True)
+        subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", aec, "127.0.0.1", str(port)], check=True)
     return n / (time.perf_counter() - t0)
 
 
@@ -107,7 +107,7 @@ def main() -> None:
         out = tmp / f"storescp{parallel}"
         out.mkdir()
         port = free_port()
-        scp = subprocess.Popen(["storescp", "-aet", "STORESCP", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
+        scp = subprocess.Popen([dcmtk("storescp"), "-aet", "STORESCP", "-od", str(out), str(port)], stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, env={**os.environ, "TCP_NODELAY": "1"})
         wait_port(port)
         name = "DCMTK storescp (no fsync, no index)"

@@ -32,7 +32,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bench_receive import make_instances, process_tree, send  # noqa: E402
-from tests.node_helpers import cpu_seconds, dicomnode_env, free_port, wait_port  # noqa: E402
+from tests.node_helpers import cpu_seconds, dcmtk, dicomnode_env, free_port, wait_port  # noqa: E402
 
 WRAPPER = """
 import os, sys
@@ -93,7 +93,7 @@ def associations_per_second(tmp: Path, env: dict, n: int = 100) -> float:
     proc, port = start_node(tmp, env, {})
     t0 = time.perf_counter()
     for _ in range(n):
-        subprocess.run(["echoscu", "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=True)
+        subprocess.run([dcmtk("echoscu"), "-aec", "DICOMNODE", "127.0.0.1", str(port)], check=True)
     rate = n / (time.perf_counter() - t0)
     proc.terminate()
     proc.wait()

@@ -32,6 +32,17 @@ def dicomnode_cmd() -> list[str]:
     return [sys.executable, "-m", "dicomnode.cli"]
 
 
+def dcmtk(tool: str) -> str:
+    """DCMTK's `tool` by absolute path. With the venv activated its bin comes first on PATH, and
+    pynetdicom's console scripts there (`storescu`, `echoscu`) take DCMTK's names but not its options."""
+    venv_bin = (Path(sys.prefix) / "bin").resolve()
+    path = os.pathsep.join(d for d in os.environ.get("PATH", "").split(os.pathsep) if d and Path(d).resolve() != venv_bin)
+    exe = shutil.which(tool, path=path)
+    if exe is None:
+        raise FileNotFoundError(f"DCMTK's {tool} is not installed: apt install dcmtk (scripts/setup.sh does)")
+    return exe
+
+
 def dicomnode_env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT), "MPLBACKEND": "Agg", **extra}
 

@@ -27,6 +27,7 @@ from tests.node_helpers import (
     Orthanc,
     bulk_instances,
     cpu_seconds,
+    dcmtk,
     dicomnode_cmd,
     dicomnode_env,
     free_port,
@@ -48,7 +49,7 @@ def indexed(node: NodeProcess) -> set[str]:
 
 
 def storescu(port: int, *paths: Path, aet: str = "STORESCU", options: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aet", aet, "-aec", "DICOMNODE", *options, "+sd", "+r", "127.0.0.1", str(port),
+    return subprocess.run([dcmtk("storescu"), "-aet", aet, "-aec", "DICOMNODE", *options, "+sd", "+r", "127.0.0.1", str(port),
                            *map(str, paths)], capture_output=True, text=True, timeout=600)
 
 
@@ -60,7 +61,7 @@ def node(tmp_path: Path):
 
 
 def test_echoscu_and_storescu_study_plus_500_instances(node: NodeProcess, tmp_path: Path) -> None:
-    r = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    r = subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
     assert r.returncode == 0, r.stderr
     series = phantom_series(tmp_path)
     bulk = bulk_instances(next(series.glob("*.dcm")), tmp_path / "bulk", 500, series=4)
@@ -80,7 +81,7 @@ def _encode(ds: pydicom.Dataset) -> bytes:
 
 @pytest.mark.filterwarnings("ignore:Invalid value for VR UI")  # the '../../x' UID is sent on purpose
 def test_bad_input_gets_a_status_and_loses_nothing_else(node: NodeProcess, tmp_path: Path) -> None:
-    r = subprocess.run(["echoscu", "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    r = subprocess.run([dcmtk("echoscu"), "-aet", "INTRUDER", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
     assert r.returncode != 0
     wait_for(lambda: "calling AE 'INTRUDER'" in node.log_text(), 10, what="rejection logged")
 
@@ -247,7 +248,7 @@ def test_eight_senders_at_once_store_everything_once(node: NodeProcess, tmp_path
     for i in range(8):
         bulk_instances(template, tmp_path / f"b{i}", 200)
         folders.append(tmp_path / f"b{i}")
-    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port), str(f)],
+    procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port), str(f)],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for f in folders]
     assert all(p.wait(600) == 0 for p in procs)
     db = sqlite3.connect(node.storage / "index.sqlite")
@@ -263,7 +264,7 @@ def test_a_2gb_pdu_claim_does_not_hurt_the_node(node: NodeProcess, tmp_path: Pat
     with socket.create_connection(("127.0.0.1", node.port), timeout=5) as s:
         s.sendall(struct.pack(">BBL", 0x01, 0x00, 0x7FFFFFFF) + b"\x00" * 10)
         time.sleep(0.5)
-    r = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+    r = subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
     assert r.returncode == 0, r.stderr
     assert node.proc is not None and node.proc.poll() is None
 
@@ -536,7 +537,7 @@ def test_receiver_processes_take_associations_and_report_to_the_node(tmp_path: P
         for f in folders:
             bulk_instances(template, f, 25)
         cpu0 = cpu_seconds(receiver)
-        procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port),
+        procs = [subprocess.Popen([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "+sd", "+r", "127.0.0.1", str(node.port),
                                    str(f)], stdout=subprocess.PIPE, stderr=subprocess.PIPE) for f in folders]
         assert all(p.wait(600) == 0 for p in procs)
         assert cpu_seconds(receiver) - cpu0 > 0.1  # it received some of the associations
@@ -554,7 +555,7 @@ def test_receiver_processes_take_associations_and_report_to_the_node(tmp_path: P
         os.kill(receiver, signal.SIGKILL)
         wait_for(lambda: b"exited with code" in node.log.read_bytes(), 10, what="the node noticing")
         # Until it is back, the main process keeps every association itself.
-        echo = subprocess.run(["echoscu", "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
+        echo = subprocess.run([dcmtk("echoscu"), "-aet", "STORESCU", "-aec", "DICOMNODE", "127.0.0.1", str(node.port)], capture_output=True)
         assert echo.returncode == 0, echo.stderr
         [again] = wait_for(lambda: [p for p in receiver_pids(node) if p != receiver], 30, what="the receiver restarted")
         assert b"starting it again" in node.log.read_bytes()

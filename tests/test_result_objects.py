@@ -23,7 +23,7 @@ from structured_reports.reader import read_seg, read_sr
 from structured_reports.seg import build_seg
 from structured_reports.sr import build_sr
 from tests.conftest import dciodvfy_errors, patient_coords
-from tests.node_helpers import Orthanc
+from tests.node_helpers import Orthanc, dcmtk
 from training.phantom.results import TruthResults, truth_results
 
 ALGORITHM = Algorithm("dicomnode-test", "1.2.3")
@@ -209,7 +209,7 @@ def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(built: list[B
     orthanc = Orthanc(tmp_path, {}).start()
     try:
         files = list(built[0].files.values())
-        r = subprocess.run(["storescu", "-R", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
+        r = subprocess.run([dcmtk("storescu"), "-R", "-aec", "ORTHANC", "127.0.0.1", str(orthanc.dicom_port), *map(str, files)],
                            capture_output=True, text=True)
         assert r.returncode == 0, r.stderr
         for path in files:

@@ -10,7 +10,7 @@ import requests
 
 from dicomnode.config import ConfigError, parse_config
 from dicomnode.security import check_written_secrets, load_tokens, resolve_secret
-from tests.node_helpers import ROOT, NodeProcess, phantom_series, wait_for
+from tests.node_helpers import ROOT, NodeProcess, dcmtk, phantom_series, wait_for
 from tests.test_node import indexed, jobs
 
 
@@ -35,7 +35,7 @@ def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def storescu_tls(port: int, series: Path, *tls: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["storescu", "-aet", "STORESCU", "-aec", "DICOMNODE", *tls, "+sd", "127.0.0.1", str(port), str(series)],
+    return subprocess.run([dcmtk("storescu"), "-aet", "STORESCU", "-aec", "DICOMNODE", *tls, "+sd", "127.0.0.1", str(port), str(series)],
                           capture_output=True, text=True, timeout=120)
 
 
