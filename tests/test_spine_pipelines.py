@@ -24,7 +24,7 @@ from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_en
 from training.datasets.spine_seg import phantom_classes
 from training.evaluation.ensemble import chosen_weights, weight_grid, write_ensemble
 from training.evaluation.metrics import dice
-from training.evaluation.spine_seg import edge_offsets, ensemble_line, evaluate, recall_by_cut, reference_split
+from training.evaluation.spine_seg import edge_offsets, endplate_tilt_errors, ensemble_line, evaluate, recall_by_cut, reference_split
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 from training.trainers.common import git_commit, random_contrast
@@ -135,6 +135,27 @@ def test_the_reference_spread_compares_odd_and_even_central_slices(lumbar_studie
     shift = np.mean([l1_l5(tilted, k) - l1_l5(labels, k) for k in odd])
     moved = reference_split(tilted, series)
     assert abs(shift) > 3 and moved is not None and moved - clean == pytest.approx(shift, abs=0.1)
+
+
+def test_endplate_tilt_errors_name_the_endplate_that_moved(lumbar_studies: list[Path]) -> None:
+    """L5 turned on every slice (8 deg asked; the discs around it clip the turned body, so its
+    inferior endplate turns less): the L5 inferior tilt error accounts for the whole change in the
+    L1-L5 angle, L1's and S1's stay 0, and swapping the two label maps flips its sign."""
+    series, labels, _ = series_and_truth(lumbar_studies[2])
+    assert endplate_tilt_errors(labels, labels, series) == {"L1 superior": 0.0, "L5 inferior": 0.0, "S1 superior": 0.0}
+    tilted = labels.copy()
+    for k in range(len(tilted)):
+        if (tilted[k] == LABEL_VALUES["L5"]).sum() > 30:
+            turn_l5(tilted[k], 8)
+    errors = endplate_tilt_errors(tilted, labels, series)
+
+    def l1_l5(lab: np.ndarray) -> float:
+        return next(a.degrees for a in measure(lab, series).angles if a.span == "L1-L5")
+
+    assert abs(errors["L5 inferior"]) > 3
+    assert abs(errors["L5 inferior"]) == pytest.approx(abs(l1_l5(tilted) - l1_l5(labels)), abs=0.5)
+    assert errors["L1 superior"] == 0 and errors["S1 superior"] == 0
+    assert endplate_tilt_errors(labels, tilted, series)["L5 inferior"] == pytest.approx(-errors["L5 inferior"])
 
 
 def test_one_slice_with_a_tilted_body_does_not_move_the_angle(lumbar_studies: list[Path]) -> None:

@@ -10,6 +10,7 @@ the node runs (DICOM series in, named labels and angles out).
   levels), level naming per VB3 study, recall by how fully each sagittal slice cuts the labelled
   structures (where voxels are missed), and the L1-L5 angle from our segmentation against the same
   measurement on the manual masks.
+- Both: each endplate's tilt against the reference masks' (which endplate an angle error comes from).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dicomnode.config import lordosis_class
-from pipelines.lordosis import measure, slice_angles, slice_endplates
+from pipelines.lordosis import Endplate, measure, slice_angles, slice_endplates
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -34,6 +35,7 @@ from training.phantom.anatomy import LABEL_VALUES
 BODIES = ["L1", "L2", "L3", "L4", "L5", "S1"]
 DISCS = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
 CLASSES = ["hypolordosis", "normal", "hyperlordosis"]
+ENDPLATES = (("L1", "superior"), ("L5", "inferior"), ("S1", "superior"))  # the lines the two angles join
 
 
 @dataclass
@@ -49,6 +51,7 @@ class StudyResult:
     recall_by_cut: dict[str, dict[str, tuple[int, int]]] = field(default_factory=dict)
     edge_offsets: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # see edge_offsets
     reference_split: float | None = None  # real cases: see reference_split
+    endplate_tilt: dict[str, float] = field(default_factory=dict)  # see endplate_tilt_errors
     contrast: str | None = None  # phantom studies: the one series' contrast
 
 
@@ -74,12 +77,32 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
         r.named_ok = all(r.dice[n] > 0.5 for n in lumbar)
     r.angles = {a.span: a.degrees for a in measure(pred.labels, series).angles}
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
+    r.endplate_tilt = endplate_tilt_errors(pred.labels, truth, series)
     if known is not None:  # real cases: each labelled structure against its best-matching output structure
         r.dice.update(component_dice(pred, truth, series))
         r.recall_by_cut = recall_by_cut(pred.classes, truth)
         r.edge_offsets = edge_offsets(pred.classes, truth, series.spacing)
         r.reference_split = reference_split(truth, series)
     return r
+
+
+def endplate_tilt_errors(labels: np.ndarray, reference: np.ndarray, series: Series) -> dict[str, float]:
+    """Each endplate's tilt on `labels` minus its tilt on `reference`, degrees, the median over the
+    central slices where both show it: an angle error is the sum of its two endplates' errors, and
+    this says which of them to improve."""
+    ours, ref = slice_endplates(labels, series), slice_endplates(reference, series)
+    errors = {}
+    for plate in ENDPLATES:
+        pairs = [(ours[k][plate], ref[k][plate]) for k in sorted(ours.keys() & ref.keys())]
+        turns = [_tilt(a) - _tilt(b) for a, b in pairs if a is not None and b is not None]
+        if turns:
+            errors[" ".join(plate)] = float(np.median([(t + 90) % 180 - 90 for t in turns]))
+    return errors
+
+
+def _tilt(plate: Endplate) -> float:
+    """The line's angle to the image rows, degrees in [0, 180): a line has no direction."""
+    return float(np.degrees(np.arctan2(plate.direction[0], plate.direction[1])) % 180)
 
 
 def reference_split(truth: np.ndarray, series: Series, span: str = "L1-L5") -> float | None:
@@ -290,6 +313,9 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
         metrics["real"]["angle_L1-L5"] = bland_altman(*zip(*pairs), out / "real_bland_altman_L1-L5.png",
                                                       "Real L1-L5: our segmentation vs manual masks")
     metrics["real"]["angle_L1-L5_measured_in"] = f"{len(pairs)}/{sum('L1-L5' in r.reference_angles for r in real)}"
+    for where, results in (("phantom", phantom), ("real", real)):
+        metrics[where]["endplate tilt error deg"] = {
+            " ".join(p): _mean_abs([r.endplate_tilt.get(" ".join(p)) for r in results]) for p in ENDPLATES}
     splits = [r.reference_split for r in real if r.reference_split is not None]
     if splits:
         metrics["real"]["angle_L1-L5_manual_odd_vs_even_slices"] = {"mae": float(np.mean(np.abs(splits))), "n": len(splits)}
@@ -308,6 +334,12 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _markdown(model, metrics, phantom, real, out, seeds, held)
     return metrics
+
+
+def _mean_abs(values: list[float | None]) -> dict[str, float | int | None]:
+    """Mean absolute value and how many there were (None where a study lacks it)."""
+    known = [abs(v) for v in values if v is not None]
+    return {"mean_abs": float(np.mean(known)) if known else None, "n": len(known)}
 
 
 def _fmt(v: float | None) -> str:
@@ -364,6 +396,11 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         if a:
             lines.append(f"- {where} {key[6:]} angle: MAE {a['mae']:.2f} deg, max {a['max_abs']:.2f}, bias {a['bias']:+.2f}, "
                          f"limits ±{a['loa']:.2f} (n={a['n']}; measured in {m[where][key + '_measured_in']}).")
+    for where in ("phantom", "real"):
+        tilts = [f"{p} {_fmt(v['mean_abs'])} (n={v['n']})" for p, v in m[where].get("endplate tilt error deg", {}).items() if v["n"]]
+        if tilts:
+            lines.append(f"- {where} endplate tilt, ours against the {'truth' if where == 'phantom' else 'manual'} masks' on "
+                         f"the same central slices, mean absolute difference in deg: {', '.join(tilts)}.")
     split = m["real"].get("angle_L1-L5_manual_odd_vs_even_slices")
     if split:
         lines.append(f"- The reference's own spread: real L1-L5 from the manual masks on the odd central slices against "
@@ -380,10 +417,12 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     lines += ["", "![phantom Dice](phantom_dice.png) ![real Dice](real_dice.png)", "",
               "![Bland-Altman](phantom_bland_altman_L1-S1.png) ![Bland-Altman](real_bland_altman_L1-L5.png) "
               "![confusion](phantom_lordosis_confusion.png)", "", "## Per study", "",
-              "| study | naming | L1-S1 ours / ref | L1-L5 ours / ref | problems |", "|---|---|---|---|---|"]
+              "| study | naming | L1-S1 ours / ref | L1-L5 ours / ref | endplate tilt ours - ref: L1 sup. / L5 inf. / S1 sup. | problems |",
+              "|---|---|---|---|---|---|"]
     for r in phantom + real:
         ang = " | ".join(f"{r.angles.get(s, float('nan')):.1f} / {r.reference_angles.get(s, float('nan')):.1f}"
                          for s in ("L1-S1", "L1-L5"))
-        lines.append(f"| {r.name} | {'ok' if r.named_ok else '-' if r.named_ok is None else 'WRONG'} | {ang} | "
+        tilt = " / ".join(f"{r.endplate_tilt[' '.join(p)]:+.1f}" if " ".join(p) in r.endplate_tilt else "-" for p in ENDPLATES)
+        lines.append(f"| {r.name} | {'ok' if r.named_ok else '-' if r.named_ok is None else 'WRONG'} | {ang} | {tilt} | "
                      f"{'; '.join(r.problems)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
