@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from pipelines.degeneration import MODEL_DIR, Model
+from pipelines.registry import get
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
 from training.datasets import degeneration as data
@@ -100,6 +101,7 @@ def test_the_shipped_model_describes_itself() -> None:
     d = json.loads((MODEL_DIR / "model.json").read_text())
     assert d["name"] == "degeneration" and d["conditions"] == list(data.CONDITIONS) and d["grades"] == list(data.GRADES)
     assert d["study"]["chosen"] in ("cnn", "cnn_svm") and d["metrics"]["rsna"]["score"] > 0
+    assert d["metrics"]["end_to_end_spine_seg"] == get("spine-seg").version  # re-measure it when spine-seg changes
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 15e6
 
 

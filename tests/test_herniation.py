@@ -13,6 +13,7 @@ import pydicom
 import pytest
 
 from pipelines.herniation import MODEL_DIR, Model, name_boxes
+from pipelines.registry import get
 from pipelines.series import NoUsableSeries, read_series, sagittal_t2
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
@@ -85,6 +86,7 @@ def test_the_shipped_model_describes_itself() -> None:
     assert d["name"] == "disc-herniation" and d["classes"] == list(data.CLASSES) and d["levels"] == list(data.LEVELS)
     assert set(d["detectors"]) == {"region", "discs"} and sum(d["ensemble"]["weights"].values()) == pytest.approx(1.0)
     assert d["metrics"]["detection"]["discs"]["map50"] > 0  # held-out figures recorded by `dicomnode evaluate disc-herniation`
+    assert d["metrics"]["end_to_end_spine_seg"] == get("spine-seg").version  # re-measure it when spine-seg changes
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 15e6
 
 

@@ -14,6 +14,7 @@ import torch
 
 from pipelines.explain import crop_to_slice
 from pipelines.marrow import MODEL_DIR, Model, fuse
+from pipelines.registry import get
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import dicomnode_cmd, dicomnode_env
 from training.datasets.marrow import CLASSES, CROP, vertebra_crop
@@ -58,6 +59,7 @@ def test_the_shipped_marrow_model_describes_itself() -> None:
                                                    "PassiveAggressive", "LogisticRegression"}
     assert d["classifier"]["name"] in d["validation"]["classifiers"]
     assert d["metrics"]["per_body"]["f1"] > 0  # held-out figures recorded by `dicomnode evaluate marrow`
+    assert d["metrics"]["end_to_end_spine_seg"] == get("spine-seg").version  # re-measure it when spine-seg changes
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 15e6
 
 

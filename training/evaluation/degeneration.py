@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from pipelines.degeneration import Model, assess
 from training.datasets import degeneration as data
-from training.evaluation.metrics import check_held_out, confusion, overlay_grid, rsna_score
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, rsna_score, spine_seg_version
 from training.trainers.common import seed_text
 from training.trainers.degeneration import collect, per_condition, studies_features
 
@@ -54,6 +54,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
         m["study"][name] = {"n": len(ys), "accuracy": float(np.mean(p.argmax(1) == ys)), "confusion": cm.tolist()}
     m["study"]["shipped"] = d["study"]["chosen"]
     m["end_to_end"] = _end_to_end(model, seeds[:end_to_end]) if end_to_end else {}
+    m["end_to_end_spine_seg"] = spine_seg_version() if end_to_end else None
     _gradcam_examples(model, held, probs["canal"], out / "gradcam_examples.png")
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     _markdown(d, m, seeds, out)
@@ -123,7 +124,7 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
              "![CNN](confusion_study_cnn.png) ![CNN-SVM](confusion_study_cnn_svm.png)", ""]
     if m["end_to_end"]:
         e = m["end_to_end"]
-        lines += ["## End to end through DICOM and spine-seg", "",
+        lines += [f"## End to end through DICOM and spine-seg {m['end_to_end_spine_seg']}", "",
                   f"{e['studies']} studies (sagittal T1 and T2, axial T2); {e['grades_missing']} condition-level grades "
                   f"not produced (level not located). RSNA score **{e['rsna']['score']:.3f}** (canal "
                   f"{e['rsna'].get('spinal_canal_stenosis', float('nan')):.3f}, foraminal "

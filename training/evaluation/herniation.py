@@ -23,7 +23,7 @@ from tqdm import tqdm
 from pipelines.herniation import Model, box_iou, classify
 from pipelines.series import read_series, sagittal_t2
 from training.datasets import discs as data
-from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc, spine_seg_version
 from training.trainers.common import seed_text
 from training.trainers.herniation import collect, probabilities
 
@@ -118,6 +118,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], studies_end_to_end: i
                    out / "confusion.png", "Disc herniation per disc (true boxes)")
     m["classification"]["ensemble"]["confusion"] = cm.tolist()
     m["end_to_end"] = end_to_end(model, seeds[:studies_end_to_end]) if studies_end_to_end else {}
+    m["end_to_end_spine_seg"] = spine_seg_version() if studies_end_to_end else None
     _gradcam_examples(model, held, p, out / "gradcam_examples.png")
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     _markdown(d, m, seeds, out)
@@ -154,7 +155,7 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
     lines += ["", "![ROC](roc_herniated.png) ![confusion](confusion.png)", ""]
     if m["end_to_end"]:
         e = m["end_to_end"]
-        lines += ["## End to end through DICOM: boxes from the detector or from spine-seg", "",
+        lines += [f"## End to end through DICOM: boxes from the detector or from spine-seg {m['end_to_end_spine_seg']}", "",
                   f"{e['detector']['studies']} studies; `spine-seg` chooses the mid-sagittal slice and names the discs "
                   "in both. Box IoU against the true disc box on that slice.", "",
                   "| boxes from | discs missing | box IoU mean | box IoU min | accuracy | precision | recall | F1 | AUC |",

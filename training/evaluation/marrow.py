@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from pipelines.marrow import Model, classify
 from training.datasets.marrow import CLASSES, Crops
-from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc
+from training.evaluation.metrics import check_held_out, confusion, overlay_grid, roc, spine_seg_version
 from training.trainers.marrow import MarrowConfig, binary_scores, by_body, collect, compare, features
 
 
@@ -50,6 +50,7 @@ def evaluate(model_dir: Path, out: Path, seeds: list[int], end_to_end: int = 12,
     table, _ = compare(features(model.net, xt), yt, f_held, held, cfg.seed)
     m["nine_classifiers"] = {name: scores["per_body"] for name, scores in table.items()}
     m["end_to_end"] = _end_to_end(model, seeds[:end_to_end]) if end_to_end else {}
+    m["end_to_end_spine_seg"] = spine_seg_version() if end_to_end else None
     _gradcam_examples(model, held, probs, out / "gradcam_examples.png")
     (out / "metrics.json").write_text(json.dumps(m, indent=1))
     _markdown(d, m, seeds, out)
@@ -104,7 +105,7 @@ def _markdown(d: dict, m: dict, seeds: list[int], out: Path) -> None:
              *[row(f"per series, {w} alone", s) for w, s in m["per_series"].items()]]
     if m["end_to_end"]:
         e = m["end_to_end"]
-        lines.append(row(f"end to end through DICOM and spine-seg ({e['studies']} studies, "
+        lines.append(row(f"end to end through DICOM and spine-seg {m['end_to_end_spine_seg']} ({e['studies']} studies, "
                          f"{e['bodies_not_found']} bodies not found)", e))
     lines += ["", "![ROC](roc_abnormal.png) ![confusion](confusion.png)", "",
               "## The nine classifiers (seed 000's comparison)", "",

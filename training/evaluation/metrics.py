@@ -133,6 +133,13 @@ def rsna_score(truth: dict[str, dict], probs: dict[str, dict]) -> dict[str, floa
     return out
 
 
+def spine_seg_version() -> str:
+    """The spine-seg an end-to-end figure went through: levels, slices and boxes come from it, so the
+    figure moves with it."""
+    from pipelines.registry import get
+    return get("spine-seg").version
+
+
 def check_held_out(description: dict, seeds: Sequence[int]) -> None:
     """Refuse to evaluate on phantom seeds the model trained or was validated on."""
     used = set(description["training"]["train_seeds"]) | set(description["training"].get("validation_seeds") or [])
