@@ -35,7 +35,8 @@ from training.phantom.anatomy import LABEL_VALUES
 BODIES = ["L1", "L2", "L3", "L4", "L5", "S1"]
 DISCS = ["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"]
 CLASSES = ["hypolordosis", "normal", "hyperlordosis"]
-ENDPLATES = (("L1", "superior"), ("L5", "inferior"), ("S1", "superior"))  # the lines the two angles join
+# the lines the two angles join, by the name the report gives each
+ENDPLATES = {"L1 superior": ("L1", "superior"), "L5 inferior": ("L5", "inferior"), "S1 superior": ("S1", "superior")}
 
 
 @dataclass
@@ -92,11 +93,11 @@ def endplate_tilt_errors(labels: np.ndarray, reference: np.ndarray, series: Seri
     this says which of them to improve."""
     ours, ref = slice_endplates(labels, series), slice_endplates(reference, series)
     errors = {}
-    for plate in ENDPLATES:
+    for name, plate in ENDPLATES.items():
         pairs = [(ours[k][plate], ref[k][plate]) for k in sorted(ours.keys() & ref.keys())]
         turns = [_tilt(a) - _tilt(b) for a, b in pairs if a is not None and b is not None]
         if turns:
-            errors[" ".join(plate)] = float(np.median([(t + 90) % 180 - 90 for t in turns]))
+            errors[name] = float(np.median([(t + 90) % 180 - 90 for t in turns]))
     return errors
 
 
@@ -315,7 +316,7 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     metrics["real"]["angle_L1-L5_measured_in"] = f"{len(pairs)}/{sum('L1-L5' in r.reference_angles for r in real)}"
     for where, results in (("phantom", phantom), ("real", real)):
         metrics[where]["endplate tilt error deg"] = {
-            " ".join(p): _mean_abs([r.endplate_tilt.get(" ".join(p)) for r in results]) for p in ENDPLATES}
+            name: _mean_abs([r.endplate_tilt.get(name) for r in results]) for name in ENDPLATES}
     splits = [r.reference_split for r in real if r.reference_split is not None]
     if splits:
         metrics["real"]["angle_L1-L5_manual_odd_vs_even_slices"] = {"mae": float(np.mean(np.abs(splits))), "n": len(splits)}
@@ -422,7 +423,7 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     for r in phantom + real:
         ang = " | ".join(f"{r.angles.get(s, float('nan')):.1f} / {r.reference_angles.get(s, float('nan')):.1f}"
                          for s in ("L1-S1", "L1-L5"))
-        tilt = " / ".join(f"{r.endplate_tilt[' '.join(p)]:+.1f}" if " ".join(p) in r.endplate_tilt else "-" for p in ENDPLATES)
+        tilt = " / ".join(f"{r.endplate_tilt[name]:+.1f}" if name in r.endplate_tilt else "-" for name in ENDPLATES)
         lines.append(f"| {r.name} | {'ok' if r.named_ok else '-' if r.named_ok is None else 'WRONG'} | {ang} | {tilt} | "
                      f"{'; '.join(r.problems)} |")
     (out / "report.md").write_text("\n".join(lines) + "\n")
