@@ -30,7 +30,7 @@ class SpineSegConfig:
     phantom_seeds: list[int] = field(default_factory=lambda: list(range(1000, 1060)))
     real_cases: list[str] | None = None  # None: every real case
     real_dir: str = str(DEFAULT_DIR)
-    iterations: int = 2500  # 8000 and real_fraction 0.5 gave candidate 1.3 (README)
+    iterations: int = 2500  # 8000 and real_fraction 0.5 gave candidate 1.3 (docs/models/spine-seg-history.md)
     batch: int = 8
     crop: int = 192
     lr: float = 2e-3
