@@ -17,6 +17,7 @@ from scipy import ndimage
 
 from dicomnode.config import lordosis_class
 from pipelines.lordosis import SR_GRADE, central_slices, measure, midline_slice
+from pipelines.registry import get
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
@@ -28,6 +29,7 @@ from training.evaluation.spine_seg import edge_offsets, endplate_tilt_errors, en
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 from training.trainers.common import git_commit, random_contrast
+from training.trainers.spine_seg import VERSION
 
 NAMED = ["L1", "L2", "L3", "L4", "L5", "S1", "L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1", "canal"]
 
@@ -331,9 +333,11 @@ def test_a_folder_without_a_sagittal_mr_series_is_refused_clearly(tmp_path: Path
 
 def test_the_shipped_model_folder_describes_itself(tmp_path: Path) -> None:
     """Network, classes, the structures its results name with their codes, normalisation, training
-    data and commit, metrics, version; a folder whose structures differ from what this version
-    writes is refused, naming the structure."""
+    data and commit, metrics, version (the same in the folder, the trainer and the registered
+    pipeline: shipping a model sets all three); a folder whose structures differ from what this
+    version writes is refused, naming the structure."""
     d = json.loads((MODEL_DIR / "model.json").read_text())
+    assert d["version"] == VERSION == get("spine-seg").version
     assert d["name"] == "spine-seg" and d["classes"] == ["background", "vertebral_body", "S1", "disc", "canal"]
     assert {"version", "network", "normalisation", "grid_mm", "training", "commit", "metrics"} <= set(d)
     assert d["metrics"]["phantom"]["dice"] and d["metrics"]["real"]["dice"]
