@@ -280,6 +280,8 @@ def _train(args: argparse.Namespace) -> int:
         cfg.real_dir = args.real_dir
     if args.channels:
         cfg.channels = tuple(args.channels)
+    cfg.grid_mm = args.grid_mm or cfg.grid_mm
+    cfg.crop = args.crop or cfg.crop
     cfg.lr = args.lr or cfg.lr
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight
@@ -450,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")
     tr.add_argument("--channels", type=int, nargs="+", metavar="N", help="spine-seg: U-Net feature channels per "
                     "resolution level (default 16 32 64 128 256; wider costs training and inference time)")
+    tr.add_argument("--grid-mm", type=float, help="spine-seg: working grid pixel size in mm (default 1)")
+    tr.add_argument("--crop", type=int, help="spine-seg: training crop in working-grid pixels, a multiple of 16 "
+                    "(default 192)")
     tr.add_argument("--real-dir", help="real cases (default: ../shared/data/real_lumbar)")
     tr.add_argument("--cache", default=".cache/training", help="where rendered training slices are kept")
     tr.set_defaults(func=_train)

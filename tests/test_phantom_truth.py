@@ -282,3 +282,7 @@ def test_training_slices_can_end_inside_s1() -> None:
     no_s1 = np.where(target == 2, 0, target).astype(np.uint8)
     im, t = end_field_of_view(image, no_s1, rng)
     assert im is image and t is no_s1
+    tall_image, tall = np.pad(image, ((0, 80), (0, 0))), np.pad(target, ((0, 80), (0, 0)))
+    halves = [int(np.argmax((end_field_of_view(tall_image, tall, rng, grid=0.5)[1] == IGNORE).all(axis=1))) - 60
+              for _ in range(200)]  # on a 0.5 mm grid the same millimetres are twice the rows
+    assert min(halves) == 2 * FOV_END_MM[0] and max(halves) == 2 * FOV_END_MM[1]

@@ -136,6 +136,22 @@ def test_rows_inside_the_labelled_run_teach_what_is_not_that_kind() -> None:
     assert len(real_slices(c, run_rows=True).images) == labelled + 2 * LATERAL_SLICES
 
 
+def test_real_slices_come_on_the_training_grid_asked_for() -> None:
+    """A 0.75 mm working grid: the same slices, 4/3 the pixels each way, every class value kept
+    (IGNORE and the NOT_ kinds too) and each class's area the same in mm² within 2 %."""
+    from training.datasets.spine_seg import real_slices
+
+    c = load_case(DEFAULT_DIR / "VB3_01.npz")
+    one, fine = real_slices(c, run_rows=True), real_slices(c, run_rows=True, grid=0.75)
+    assert len(fine.images) == len(one.images) and fine.origin == one.origin
+    for (im1, t1), (im2, t2) in zip(zip(one.images, one.targets), zip(fine.images, fine.targets)):
+        assert im2.shape == t2.shape == tuple(round(n / 0.75) for n in im1.shape) and t2.dtype == np.uint8
+        assert set(np.unique(t2)) == set(np.unique(t1))
+        for v in np.unique(t1):
+            area1, area2 = (t1 == v).sum(), (t2 == v).sum() * 0.75 ** 2
+            assert abs(area2 - area1) <= 0.02 * area1 + 10, v
+
+
 def test_s1_is_taken_from_the_bone_just_below_the_labelled_l5() -> None:
     """No real case labels the sacrum; `s1_below_l5` takes S1 from a network's classes: the largest
     unlabelled bone just below L5, a disc apart. Not bone far in front (an iliac wing in a lateral

@@ -1,4 +1,5 @@
-"""Training slices for `spine-seg`: sagittal slices on a 1 mm grid with one class map each.
+"""Training slices for `spine-seg`: sagittal slices on a working grid (1 mm unless a training asks
+for another) with one class map each.
 
 The network learns five classes; levels are named afterwards by anatomy (count up from S1), so
 the network never learns "L3 is in the middle of the image". Phantom studies label everything;
@@ -25,7 +26,7 @@ GRID_MM = 1.0
 # Inference averages the class probabilities over working grids a tenth finer and coarser as well
 # (inside the training's 0.85-1.2 scale augmentation): on three held-out folds it raised real disc
 # Dice by 0.008-0.013 and phantom disc Dice by 0.007-0.010 against the 1 mm grid alone.
-TEST_TIME_GRIDS_MM = (0.9, 1.0, 1.1)
+TEST_TIME_SCALES = (0.9, 1.0, 1.1)
 PHANTOM_DATA_VERSION = 2  # part of the training cache's name: raise it when the phantom changes (2: S1/S2 remnant disc)
 
 _PHANTOM_LUT = np.zeros(256, dtype=np.uint8)
@@ -152,16 +153,17 @@ def _between_neighbours(labels: np.ndarray) -> np.ndarray:
 FOV_END_MM = (-5, 35)  # where a cut field of view ends, from S1's highest row in the slice (see end_field_of_view)
 
 
-def end_field_of_view(image: np.ndarray, target: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def end_field_of_view(image: np.ndarray, target: np.ndarray, rng: np.random.Generator,
+                      grid: float = GRID_MM) -> tuple[np.ndarray, np.ndarray]:
     """A phantom slice whose field of view ends inside S1, as real sagittal series do: the phantom
     always shows the whole sacrum, while in the real VB3 cases the lowest row of L5 lies 6-45 mm
     (median 22) above the image's lower edge, so S1 is a sliver or missing. Rows below a level
     drawn from FOV_END_MM become what lies outside an image in training: 0, IGNORE. Slices
-    without S1 are returned unchanged. Rows run inferior, on the 1 mm grid."""
+    without S1 are returned unchanged. Rows run inferior, `grid` mm apart."""
     rows = np.nonzero((target == CLASSES.index("S1")).any(axis=1))[0]
     if not len(rows):
         return image, target
-    edge = max(int(rows.min()) + int(rng.integers(FOV_END_MM[0], FOV_END_MM[1] + 1)), 1)
+    edge = max(int(rows.min()) + round(int(rng.integers(FOV_END_MM[0], FOV_END_MM[1] + 1)) / grid), 1)
     image, target = image.copy(), target.copy()
     image[..., edge:, :] = 0
     target[edge:] = IGNORE
@@ -193,7 +195,7 @@ def with_context(slices: np.ndarray, context: int, which: slice = slice(None)) -
 
 @dataclass
 class Slices:
-    images: list[np.ndarray]  # float32 [rows, cols] (2-D) or [channel, rows, cols] (2.5-D) on the 1 mm grid, normalised
+    images: list[np.ndarray]  # float32 [rows, cols] (2-D) or [channel, rows, cols] (2.5-D) on the working grid, normalised
     targets: list[np.ndarray]  # uint8 classes, IGNORE where unknown
     origin: list[str]  # "phantom:<seed>:<contrast>" or "real:<case id>"
 
@@ -203,20 +205,21 @@ class Slices:
         self.origin += other.origin
 
 
-def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"), context: int = 0) -> Slices:
-    """Every sagittal series of one phantom study, rendered in memory (no DICOM written); with
-    `context`, each slice comes with that many neighbours on either side."""
+def phantom_slices(seed: int, contrasts: tuple[str, ...] = ("T2", "T1", "STIR"), context: int = 0,
+                   grid: float = GRID_MM) -> Slices:
+    """Every sagittal series of one phantom study, rendered in memory (no DICOM written), on a
+    `grid` mm working grid; with `context`, each slice comes with that many neighbours on either side."""
     from training.datasets.phantom import phantom_series
     from training.phantom.generator import PhantomOptions
 
     out = Slices([], [], [])
     for s in phantom_series(seed, PhantomOptions(contrasts=contrasts, max_matrix=384)):
         classes = phantom_classes(s.labels)
-        grid = np.stack([to_grid(p, s.spacing, order=1) for p in normalise(s.pixels)])
-        images = with_context(grid, context) if context else grid
+        resampled = np.stack([to_grid(p, s.spacing, order=1, grid=grid) for p in normalise(s.pixels)])
+        images = with_context(resampled, context) if context else resampled
         for k in range(len(s.pixels)):
             out.images.append(images[k])
-            out.targets.append(to_grid(classes[k], s.spacing, order=0))
+            out.targets.append(to_grid(classes[k], s.spacing, order=0, grid=grid))
             out.origin.append(f"phantom:{seed}:{s.contrast}")
     return out
 
@@ -225,8 +228,8 @@ LATERAL_SLICES = 5  # with `run_rows`: unlabelled slices either side of the labe
 
 
 def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run_rows: bool = False,
-                s1: np.ndarray | None = None) -> Slices:
-    """The sagittal slices of a real case that hold labels (already on a 1 mm in-plane grid); with
+                s1: np.ndarray | None = None, grid: float = GRID_MM) -> Slices:
+    """The sagittal slices of a real case that hold labels, on a `grid` mm working grid; with
     `run_rows`, also the slices just lateral to them, which teach what is not a body or disc; with
     `s1`, S1 there (see s1_below_l5)."""
     image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
@@ -236,9 +239,12 @@ def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run
     if run_rows:
         slices = np.arange(max(slices.min() - LATERAL_SLICES, 0), min(slices.max() + LATERAL_SLICES + 1, len(image)))
     out = Slices([], [], [])
+    spacing = case.spacing_mm[:2]
     for k in slices:
-        out.images.append(np.ascontiguousarray(images[k]))
-        out.targets.append(np.ascontiguousarray(classes[:, :, k]))
+        channels = images[k][None] if images.ndim == 3 else images[k]
+        resampled = np.stack([to_grid(ch, spacing, order=1, grid=grid) for ch in channels])
+        out.images.append(np.ascontiguousarray(resampled[0] if images.ndim == 3 else resampled))
+        out.targets.append(np.ascontiguousarray(to_grid(classes[:, :, k], spacing, order=0, grid=grid)))
         out.origin.append(f"real:{case.case_id}")
     return out
 

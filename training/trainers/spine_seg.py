@@ -1,4 +1,4 @@
-"""Training of `spine-seg`: a 2-D MONAI U-Net on 1 mm sagittal slices of phantom studies and real
+"""Training of `spine-seg`: a 2-D MONAI U-Net on sagittal slices (1 mm grid by default) of phantom studies and real
 cases together (partial labels masked out of the loss), resumable from its checkpoint."""
 
 from __future__ import annotations
@@ -32,7 +32,8 @@ class SpineSegConfig:
     real_dir: str = str(DEFAULT_DIR)
     iterations: int = 2500  # 8000 and real_fraction 0.5 gave candidate 1.3 (docs/models/spine-seg-history.md)
     batch: int = 8
-    crop: int = 192
+    crop: int = 192  # pixels of the working grid
+    grid_mm: float = data.GRID_MM  # the working grid's pixel size
     lr: float = 2e-3
     real_fraction: float = 0.4  # share of each batch drawn from real slices
     channels: tuple[int, ...] = (16, 32, 64, 128, 256)
@@ -64,14 +65,15 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
     if missing:
         raise ValueError(f"real cases {missing} are not in {cfg.real_dir}")
     cases = [load_case(path) for cid, path in paths.items() if cfg.real_cases is None or cid in cfg.real_cases]
-    suffix = f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
+    suffix = (f"-v{data.PHANTOM_DATA_VERSION}" + (f"-context{cfg.context}" if cfg.context else "")
+              + (f"-grid{cfg.grid_mm:g}" if cfg.grid_mm != data.GRID_MM else ""))
     phantom_file = cache / f"phantom-{min(cfg.phantom_seeds)}-{max(cfg.phantom_seeds)}-{len(cfg.phantom_seeds)}{suffix}.npz"
     if phantom_file.exists():
         phantom = data.load(phantom_file)
     else:
         phantom = data.Slices([], [], [])
         with ProcessPoolExecutor(cfg.workers) as pool:
-            render = functools.partial(data.phantom_slices, context=cfg.context)
+            render = functools.partial(data.phantom_slices, context=cfg.context, grid=cfg.grid_mm)
             for s in tqdm(pool.map(render, cfg.phantom_seeds), total=len(cfg.phantom_seeds),
                           desc="phantom studies", unit="study"):
                 phantom.extend(s)
@@ -79,7 +81,7 @@ def collect(cfg: SpineSegConfig, cache: Path) -> tuple[data.Slices, data.Slices]
     real = data.Slices([], [], [])
     for case in tqdm(cases, desc="real cases", unit="case", disable=s1_from is None):
         s1 = data.s1_below_l5(case, classes_of(s1_from, case)) if s1_from else None
-        real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows, s1))
+        real.extend(data.real_slices(case, cfg.context, cfg.beyond_ends, cfg.run_rows, s1, cfg.grid_mm))
     return phantom, real
 
 
@@ -95,12 +97,12 @@ def classes_of(net: Network, case: RealCase) -> np.ndarray:
 
 
 def _batch(pool: data.Slices, n: int, rng: np.random.Generator, crop: int,
-           fov_end: float = 0.0, contrast: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+           fov_end: float = 0.0, contrast: float = 0.0, grid: float = data.GRID_MM) -> tuple[np.ndarray, np.ndarray]:
     pairs = []
     for i in rng.integers(len(pool.images), size=n):
         image, target = pool.images[i], pool.targets[i]
         if fov_end and rng.random() < fov_end:
-            image, target = data.end_field_of_view(image, target, rng)
+            image, target = data.end_field_of_view(image, target, rng, grid)
         image, target = augment(image, target, rng, crop, data.IGNORE)
         if contrast and rng.random() < contrast:
             image = random_contrast(image, rng)
@@ -113,7 +115,7 @@ def training_batch(phantom: data.Slices, real: data.Slices, n_real: int, cfg: Sp
     """One batch: `n_real` real slices after the phantom ones, each augmented, `cfg.random_contrast`
     of them through a random intensity curve (of the real ones alone with `random_contrast_real_only`)."""
     phantom_contrast = 0.0 if cfg.random_contrast_real_only else cfg.random_contrast
-    xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end, phantom_contrast)
+    xs, ys = _batch(phantom, cfg.batch - n_real, rng, cfg.crop, cfg.fov_end, phantom_contrast, cfg.grid_mm)
     if n_real:
         xr, yr = _batch(real, n_real, rng, cfg.crop, contrast=cfg.random_contrast)
         xs, ys = np.concatenate([xs, xr]), np.concatenate([ys, yr])
@@ -134,6 +136,9 @@ def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
 
 def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
+    if cfg.crop % 16 or cfg.grid_mm <= 0:
+        raise ValueError(f"spine-seg training crop {cfg.crop} must be a multiple of 16 (U-Net strides) "
+                         f"and the grid ({cfg.grid_mm} mm) positive")
     rng = seed_everything(cfg.seed)
     commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     torch.set_num_threads(max(torch.get_num_threads(), 1))
@@ -172,8 +177,8 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         "name": "spine-seg", "version": VERSION, "framework": "monai.networks.nets.UNet",
         "network": {"spatial_dims": 2, "in_channels": 2 * cfg.context + 1, "context_slices": cfg.context,
                     "channels": list(cfg.channels), "num_res_units": 1},
-        "classes": list(data.CLASSES), "grid_mm": data.GRID_MM,
-        "test_time_grids_mm": list(data.TEST_TIME_GRIDS_MM),
+        "classes": list(data.CLASSES), "grid_mm": cfg.grid_mm,
+        "test_time_grids_mm": [round(cfg.grid_mm * f, 4) for f in data.TEST_TIME_SCALES],
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
         "levels": "named after inference by anatomy: bodies counted up from S1 (L5, L4, ...), discs between them",
         "structures": structure_codes(),
