@@ -280,8 +280,10 @@ def _train(args: argparse.Namespace) -> int:
         cfg.real_dir = args.real_dir
     if args.channels:
         cfg.channels = tuple(args.channels)
-    cfg.grid_mm = args.grid_mm or cfg.grid_mm
-    cfg.crop = args.crop or cfg.crop
+    if args.grid_mm is not None:
+        cfg.grid_mm = args.grid_mm
+    if args.crop is not None:
+        cfg.crop = args.crop
     cfg.lr = args.lr or cfg.lr
     if args.dice_weight is not None:
         cfg.dice_weight = args.dice_weight

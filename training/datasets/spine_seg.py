@@ -232,18 +232,17 @@ def real_slices(case: RealCase, context: int = 0, beyond_ends: bool = False, run
     """The sagittal slices of a real case that hold labels, on a `grid` mm working grid; with
     `run_rows`, also the slices just lateral to them, which teach what is not a body or disc; with
     `s1`, S1 there (see s1_below_l5)."""
-    image = np.moveaxis(normalise(case.image), 2, 0)  # [LR, SI, AP]: sagittal slices first
+    spacing = case.spacing_mm[:2]
+    image = np.stack([to_grid(s, spacing, order=1, grid=grid)  # [LR, SI, AP]: sagittal slices first
+                      for s in np.moveaxis(normalise(case.image), 2, 0)])
     images = with_context(image, context) if context else image
     classes = real_classes(case, beyond_ends, run_rows, s1)
     slices = np.nonzero((case.labels > 0).any(axis=(0, 1)))[0]
     if run_rows:
         slices = np.arange(max(slices.min() - LATERAL_SLICES, 0), min(slices.max() + LATERAL_SLICES + 1, len(image)))
     out = Slices([], [], [])
-    spacing = case.spacing_mm[:2]
     for k in slices:
-        channels = images[k][None] if images.ndim == 3 else images[k]
-        resampled = np.stack([to_grid(ch, spacing, order=1, grid=grid) for ch in channels])
-        out.images.append(np.ascontiguousarray(resampled[0] if images.ndim == 3 else resampled))
+        out.images.append(np.ascontiguousarray(images[k]))
         out.targets.append(np.ascontiguousarray(to_grid(classes[:, :, k], spacing, order=0, grid=grid)))
         out.origin.append(f"real:{case.case_id}")
     return out
