@@ -435,4 +435,4 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     return write_results(out, series.datasets, model.algorithm, options, segments=segments)
 
 
-register(Pipeline("spine-seg", run, device="gpu", version="1.5", model_dir=MODEL_DIR, load_model=load_model))
+register(Pipeline("spine-seg", run, device="gpu", version="1.6", model_dir=MODEL_DIR, load_model=load_model))

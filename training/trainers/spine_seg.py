@@ -22,7 +22,7 @@ from training.trainers.common import (augment, git_commit, masked_ce_dice, optim
 
 log = logging.getLogger("dicomnode.train")
 
-VERSION = "1.5"  # 1.2: real share 0.6, S1 labelled in the real cases from 1.1 (--s1-from); 1.3: three test-time grids; 1.4: random contrast on a fifth of the real slices (--random-contrast 0.2 --random-contrast-real-only); 1.5: 1.4's recipe at 5000 iterations (--iterations 5000)
+VERSION = "1.6"  # 1.2: real share 0.6, S1 labelled in the real cases from 1.1 (--s1-from); 1.3: three test-time grids; 1.4: random contrast on a fifth of the real slices (--random-contrast 0.2 --random-contrast-real-only); 1.5: 1.4's recipe at 5000 iterations (--iterations 5000); 1.6: 1.5's recipe on a 0.75 mm grid (--grid-mm 0.75 --crop 256)
 
 
 @dataclass
