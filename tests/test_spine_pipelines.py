@@ -22,7 +22,7 @@ from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
 from tests.conftest import dciodvfy_errors
 from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_env, free_port, wait_for
-from training.datasets.spine_seg import phantom_classes
+from training.datasets.spine_seg import TEST_TIME_SCALES, phantom_classes
 from training.evaluation.ensemble import chosen_weights, weight_grid, write_ensemble
 from training.evaluation.metrics import dice
 from training.evaluation.spine_seg import edge_offsets, endplate_tilt_errors, ensemble_line, evaluate, recall_by_cut, reference_split
@@ -355,7 +355,8 @@ def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: lis
     series grid, and a folder that names no grids runs on its training grid alone."""
     series, _, _ = series_and_truth(lumbar_studies[3])
     model = Model(MODEL_DIR)
-    assert model.grids_mm == [0.9, 1.0, 1.1]
+    own_grid = model.description["grid_mm"]
+    assert model.grids_mm == pytest.approx([s * own_grid for s in TEST_TIME_SCALES])
     together = model.probabilities(series)
     apart = []
     for grid in model.grids_mm:
@@ -368,7 +369,7 @@ def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: lis
     description = {k: v for k, v in model.description.items() if k != "test_time_grids_mm"}
     (tmp_path / "model.json").write_text(json.dumps(description))
     (tmp_path / "model.pt").symlink_to(MODEL_DIR / "model.pt")
-    assert Model(tmp_path).grids_mm == [1.0]
+    assert Model(tmp_path).grids_mm == [own_grid]
 
 
 def test_a_series_without_a_spine_gets_an_sr_that_says_no_angle_was_measured(lumbar_studies: list[Path],
