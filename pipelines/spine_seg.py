@@ -395,7 +395,8 @@ def _trim_s1(labels: np.ndarray, series: Series) -> None:
     labels[k[~keep], r[~keep], c[~keep]] = 0
 
 
-_cache: dict[tuple, Labelled] = {}  # the latest results, oldest first
+_cache: dict[tuple[Model, tuple[str, ...]], Labelled] = {}  # the latest results, oldest first; a key holds its
+# model, so no other model can take that model's id() while its results are kept
 CACHE_SERIES = 3  # a study's sagittal T2, T1 and STIR: every study pipeline reuses them
 _cache_lock = threading.Lock()
 
@@ -404,7 +405,7 @@ def segment(series: Series, model: Model | None = None) -> Labelled:
     """Named labels of a series. The last few results are kept, so `lordosis`, `marrow` and
     `disc-herniation` after `spine-seg` on the same study do not run the network again."""
     model = model or load_model()
-    key = (id(model), tuple(series.uids))
+    key = (model, tuple(series.uids))
     with _cache_lock:
         if key in _cache:
             return _cache[key]

@@ -372,6 +372,28 @@ def test_probabilities_are_the_mean_over_the_test_time_grids(lumbar_studies: lis
     assert Model(tmp_path).grids_mm == [own_grid]
 
 
+def test_a_reloaded_model_gets_its_own_segmentation_not_a_dropped_models(lumbar_studies: list[Path],
+                                                                         tmp_path: Path) -> None:
+    """`segment` keeps the latest results per model and series. Keyed on id(model) alone, a model
+    loaded after another was dropped could take its id and be handed that model's labels (an ad hoc
+    comparison of two folders did, 2026-12-06)."""
+    from pipelines.spine_seg import segment
+
+    series, _, _ = series_and_truth(lumbar_studies[3])
+    one_grid = tmp_path / "one-grid"
+    one_grid.mkdir()
+    description = json.loads((MODEL_DIR / "model.json").read_text())
+    description["test_time_grids_mm"] = [description["grid_mm"]]
+    (one_grid / "model.json").write_text(json.dumps(description))
+    (one_grid / "model.pt").symlink_to(MODEL_DIR / "model.pt")
+    first = segment(series, Model(MODEL_DIR)).labels  # the Model is dropped once segment returns
+    second_model = Model(one_grid)
+    second = segment(series, second_model).labels
+    own = name_levels(np.argmax(second_model.probabilities(series), axis=0).astype(np.uint8), series).labels
+    assert (first != own).any()  # the two folders do differ on this series
+    np.testing.assert_array_equal(second, own)
+
+
 def test_a_series_without_a_spine_gets_an_sr_that_says_no_angle_was_measured(lumbar_studies: list[Path],
                                                                              tmp_path: Path) -> None:
     """Not silence: the radiologist's viewer shows both angles tried and failed, not a missing report."""
