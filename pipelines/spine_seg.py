@@ -395,8 +395,9 @@ def _trim_s1(labels: np.ndarray, series: Series) -> None:
     labels[k[~keep], r[~keep], c[~keep]] = 0
 
 
-_cache: dict[tuple[Model, tuple[str, ...]], Labelled] = {}  # the latest results, oldest first; a key holds its
-# model, so no other model can take that model's id() while its results are kept
+# The latest results, oldest first. A key holds its model, so a model loaded later cannot reuse that
+# model's id() and be handed its labels.
+_cache: dict[tuple[Model, tuple[str, ...]], Labelled] = {}
 CACHE_SERIES = 3  # a study's sagittal T2, T1 and STIR: every study pipeline reuses them
 _cache_lock = threading.Lock()
 
