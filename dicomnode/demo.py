@@ -78,6 +78,7 @@ def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
         print(f"  SR:  {sr_files[0]}")
         for a in report.angles:
             print(f"    lordosis {a.span}: {a.degrees:.1f} deg (truth {truth['lordosis_deg'][a.span]:.1f})"
+                  + (f", interquartile range {a.spread_deg:.1f} deg over the central slices" if a.spread_deg is not None else "")
                   + (f", {a.category}" if a.category else ""))
         for span in report.unmeasured:
             print(f"    lordosis {span}: not measured (in the SR as \"Measurement failure\")")

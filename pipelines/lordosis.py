@@ -28,6 +28,10 @@ CENTRAL_MM = 8.0
 # L1-S1 is L1-L5 plus the L5/S1 segment, which is lordotic (the phantom's 2.4-28 deg); an L1-S1 this much
 # smaller than L1-L5 means a wrong S1 endplate line (5 of 38 held-out real studies with spine-seg 1.3, no phantom)
 IMPLAUSIBLE_DEG = 5.0
+# An angle whose per-slice values spread this much (interquartile range over the central slices) is
+# flagged for a look: twice the manual masks' median spread on real scans (4.0 deg, 38 VB3 studies); on
+# the phantoms ours stays under 4.3 deg, with the field of view cut inside S1 too (docs/models/spine-seg-history.md)
+SPREAD_DEG = 8.0
 SPANS = {"L1-S1": (("L1", "superior"), ("S1", "superior")), "L1-L5": (("L1", "superior"), ("L5", "inferior"))}
 
 
@@ -199,10 +203,18 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
                             f"(outside the field of view or not recognised)")
             continue
         deg, k = measured[(len(measured) - 1) // 2]
+        spread = None
+        if len(measured) >= 3:
+            q1, q3 = np.percentile([d for d, _ in measured], [25, 75])
+            spread = round(float(q3 - q1), 2)
+            if spread > SPREAD_DEG:
+                problems.append(f"lordosis {span} uncertain: it varies by {spread:.1f} deg (interquartile range) "
+                                f"over the {len(measured)} slices through the vertebral midline; check the endplate "
+                                f"lines on the image")
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
-                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None))
+                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None, spread))
     by_span = {a.span: a for a in angles}
     if {"L1-S1", "L1-L5"} <= set(by_span) and by_span["L1-S1"].degrees < by_span["L1-L5"].degrees - IMPLAUSIBLE_DEG:
         problems.append(f"lordosis L1-S1 not reported: {by_span['L1-S1'].degrees:.1f} deg is less than L1-L5's "
@@ -221,10 +233,11 @@ def run(files: list[Path], out: Path, options: ResultOptions) -> list[Path]:
     spine_seg.write_findings(out, {"lordosis": {  # SPEC's keys: angle_deg, class
         "angle_deg": angles, "class": lordosis_class(angles["L1-S1"], options.lordosis_thresholds_deg) if "L1-S1" in angles else None,
         "series": series.description, "thresholds_deg": list(options.lordosis_thresholds_deg),
+        "spread_deg": {a.span: a.spread_deg for a in m.angles},
         "problems": labelled.problems + m.problems}})
     # an angle not measured is in the SR too, without a value: the radiologist sees it was tried
     return write_results(out, series.datasets, model.algorithm, options, angles=m.angles, unmeasured=m.unmeasured)
 
 
-register(Pipeline("lordosis", run, device="gpu", version="1.1", model_dir=spine_seg.MODEL_DIR,
+register(Pipeline("lordosis", run, device="gpu", version="1.2", model_dir=spine_seg.MODEL_DIR,
                   load_model=spine_seg.load_model))

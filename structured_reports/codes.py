@@ -116,6 +116,10 @@ ANGLES = {
 ENDPLATE_LINE = private("EPL", "Vertebral endplate line")
 # CID 42 Numeric Value Qualifier: an angle attempted and not measured has no value, only this
 MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
+# An angle is the median of its values on the central slices (CID 3627 Measurement Type), and the
+# interquartile range of those values is its statistical property (TID 311): how far to trust it
+MEDIAN = Code("373099004", "SCT", "Median")
+INTERQUARTILE_RANGE = Code("130614", "DCM", "Interquartile Range of population")
 
 # ---------------------------------------------------------------- units, report, algorithms, maps
 DEGREE = Code("deg", "UCUM", "Degree")

@@ -3,6 +3,7 @@ trip) and by evaluation, which compares a model's objects with the truth."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Sequence
 
 import highdicom as hd
@@ -89,8 +90,7 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
                 segment = segment_names.get(number, f"segment {number}")
         if kind == "lumbar_lordosis":
             # the lordosis category is defined on the L1-S1 angle (hypo / normal / hyper thresholds)
-            report.angles += [Angle(a.span, a.degrees, a.sop_instance_uid, a.lines, grade if a.span == "L1-S1" else None)
-                              for a in angles]
+            report.angles += [replace(a, category=grade if a.span == "L1-S1" else None) for a in angles]
             report.unmeasured += unmeasured
         elif kind is not None and level is not None and probability is not None:
             report.findings.append(Finding(kind, level, probability, grade, region, segment))
@@ -116,10 +116,12 @@ def _span(item: Dataset) -> str:
 
 def _angle(item: Dataset) -> Angle:
     span = _span(item)
-    lines, uid = [], ""
+    lines, uid, spread = [], "", None
     for child in item.ContentSequence:
         if child.ValueType == "SCOORD":
             (x0, y0), (x1, y1) = np.asarray(child.GraphicData, dtype=float).reshape(2, 2)
             lines.append(Line((float(x0), float(y0)), (float(x1), float(y1))))
             uid = _image_uid(child)
-    return Angle(span, float(item.MeasuredValueSequence[0].NumericValue), uid, tuple(lines))  # type: ignore[arg-type]
+        elif child.ValueType == "NUM" and _key(child) == (codes.INTERQUARTILE_RANGE.value, codes.INTERQUARTILE_RANGE.scheme_designator):
+            spread = float(child.MeasuredValueSequence[0].NumericValue)
+    return Angle(span, float(item.MeasuredValueSequence[0].NumericValue), uid, tuple(lines), spread_deg=spread)  # type: ignore[arg-type]

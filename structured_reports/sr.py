@@ -98,6 +98,18 @@ def _drop_failed_values(items: Sequence[Dataset]) -> None:
             _drop_failed_values(item.ContentSequence)
 
 
+def _over_slices(a: Angle) -> dict:
+    """An angle that is the median over several slices says so, with their interquartile range (TID 311)."""
+    if a.spread_deg is None:
+        return {}
+    spread = hd.sr.NumContentItem(codes.INTERQUARTILE_RANGE, round(float(a.spread_deg), 3), codes.DEGREE,
+                                  relationship_type=hd.sr.RelationshipTypeValues.HAS_PROPERTIES)
+    statistics = hd.sr.MeasurementStatisticalProperties(
+        [spread], description="the angle on each sagittal slice through the vertebral midline")
+    return {"derivation": codes.MEDIAN,
+            "properties": hd.sr.MeasurementProperties(measurement_statistical_properties=statistics)}
+
+
 def _lordosis_group(angles: Sequence[Angle], unmeasured: Sequence[str], sources: dict[str, Dataset],
                     algo: hd.sr.AlgorithmIdentification):
     measurements = []
@@ -107,7 +119,7 @@ def _lordosis_group(angles: Sequence[Angle], unmeasured: Sequence[str], sources:
                                                  _source(sources, a.sop_instance_uid), purpose=codes.ENDPLATE_LINE)
                  for ln in a.lines]
         measurements.append(hd.sr.Measurement(_angle_code(a.span), round(float(a.degrees), 3), codes.DEGREE,
-                                              algorithm_id=algo, referenced_coordinates=lines))
+                                              algorithm_id=algo, referenced_coordinates=lines, **_over_slices(a)))
     measurements += [_failed(span, algo) for span in unmeasured]
     category = next((a.category for a in angles if a.category), None)
     return hd.sr.MeasurementsAndQualitativeEvaluations(

@@ -8,7 +8,7 @@ import io
 import json
 import re
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -203,6 +203,31 @@ def test_an_angle_not_measured_is_in_the_report_without_a_value(built: list[Buil
             assert "qualitativeEvaluations" not in group  # and without it there is none
     with pytest.raises(KeyError, match="unknown angle 'L2-S1'"):
         build_sr(t.sources, [], [], ALGORITHM, unmeasured=["L2-S1"])
+
+
+def test_an_angle_measured_over_several_slices_carries_its_spread(built: list[Built], tmp_path: Path) -> None:
+    """The pipeline's angle is the median over the central slices: the SR says "Median" (CID 3627) and
+    gives their interquartile range as the measurement's statistical property (TID 310/311), which
+    dciodvfy and dcmqi accept and we read back; an angle from one slice (the phantom truth) has neither."""
+    t = built[0].truth
+    angles = [replace(a, spread_deg=9.5) if a.span == "L1-L5" else a for a in t.angles]
+    path = tmp_path / "sr-spread.dcm"
+    build_sr(t.sources, [], angles, ALGORITHM).save_as(path)
+    assert dciodvfy_errors(path) == []
+    dump = subprocess.run(["dsrdump", str(path)], capture_output=True, text=True).stdout
+    assert dump.count('"Interquartile Range of population")="9.5" (deg,UCUM,"Degree")') == 1
+    assert dump.count('"Derivation")=(373099004,SCT,"Median")') == 1
+    out = tmp_path / "sr-spread.json"
+    r = subprocess.run([str(BIN / "tid1500reader"), "--inputDICOM", str(path), "--outputMetadata", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    [group] = json.loads(out.read_text())["Measurements"]
+    properties = {i["quantity"]["CodeMeaning"]: [(p["numProperty"]["CodeValue"], p["numPropertyValue"])
+                                                 for p in i.get("measurementNumProperties", [])]
+                  for i in group["measurementItems"]}
+    assert properties == {"Lumbar lordosis angle L1-S1": [], "Lumbar lordosis angle L1-L5": [("130614", "9.5")]}
+    report = read_sr(pydicom.dcmread(path))
+    assert [(a.span, a.spread_deg) for a in report.angles] == [("L1-S1", None), ("L1-L5", 9.5)]
 
 
 def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(built: list[Built], tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import yaml
 from scipy import ndimage
 
 from dicomnode.config import lordosis_class
-from pipelines.lordosis import SR_GRADE, central_slices, measure, midline_slice
+from pipelines.lordosis import SPREAD_DEG, SR_GRADE, central_slices, measure, midline_slice
 from pipelines.registry import get
 from pipelines.series import NoUsableSeries, Series, pick_series
 from pipelines.spine_seg import BODY, MIN_FRACTION, MODEL_DIR, Model, name_levels
@@ -25,7 +25,8 @@ from tests.node_helpers import NodeProcess, Orthanc, dicomnode_cmd, dicomnode_en
 from training.datasets.spine_seg import TEST_TIME_SCALES, phantom_classes
 from training.evaluation.ensemble import chosen_weights, weight_grid, write_ensemble
 from training.evaluation.metrics import dice
-from training.evaluation.spine_seg import edge_offsets, endplate_tilt_errors, ensemble_line, evaluate, recall_by_cut, reference_split
+from training.evaluation.spine_seg import (StudyResult, edge_offsets, endplate_tilt_errors, ensemble_line, evaluate,
+                                          flagged_errors, recall_by_cut, reference_split)
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 from training.trainers.common import git_commit, random_contrast
@@ -183,6 +184,36 @@ def test_one_slice_with_a_tilted_body_does_not_move_the_angle(lumbar_studies: li
         cos = abs(np.dot(*directions)) / np.prod([np.linalg.norm(d) for d in directions])
         assert np.degrees(np.arccos(min(cos, 1.0))) == pytest.approx(a.degrees, abs=0.01)
         assert slice_index != k or a.span != "L1-L5"
+
+
+def test_an_angle_that_changes_from_slice_to_slice_is_flagged_uncertain(lumbar_studies: list[Path]) -> None:
+    """L5 turned 15 deg one way on two central slices and the other way on two more (what a network
+    did on a real scan whose L5 it half took for S1): the median angle hardly moves, but its spread over
+    the slices is reported and flagged for a look; exact masks spread under a degree and are not."""
+    series, labels, _ = series_and_truth(lumbar_studies[2])
+    clean = measure(labels, series)
+    assert clean.problems == [] and all(a.spread_deg is not None and a.spread_deg < 1.0 for a in clean.angles)
+    central = sorted(central_slices(labels, series.slice_spacing))
+    assert len(central) == 5
+    turned = labels.copy()
+    for k, degrees in zip(central[:2] + central[3:], (15, -15, 15, -15)):
+        turn_l5(turned[k], degrees)
+    m = measure(turned, series)
+    spread = {a.span: a.spread_deg for a in m.angles}  # still reported: the flag asks for a look
+    assert list(spread) == ["L1-S1", "L1-L5"] and spread["L1-L5"] > SPREAD_DEG and spread["L1-S1"] < 1.0
+    assert len(m.problems) == 1 and m.problems[0].startswith("lordosis L1-L5 uncertain")
+
+
+def test_the_report_counts_flagged_angles_and_their_error_apart() -> None:
+    """Whether the flag picks the wrong angles: the flagged studies' error against the others', only
+    where both our angle and the reference exist (a spread of exactly SPREAD_DEG is not flagged)."""
+    studies = [StudyResult("wide", angles={"L1-L5": 40.0}, reference_angles={"L1-L5": 30.0}, spread={"L1-L5": 12.0}),
+               StudyResult("edge", angles={"L1-L5": 33.0}, reference_angles={"L1-L5": 30.0}, spread={"L1-L5": SPREAD_DEG}),
+               StudyResult("tight", angles={"L1-L5": 29.0}, reference_angles={"L1-L5": 30.0}, spread={"L1-L5": 1.0}),
+               StudyResult("no reference", angles={"L1-L5": 50.0, "L1-S1": 60.0}, spread={"L1-L5": 20.0, "L1-S1": 20.0})]
+    assert flagged_errors(studies) == {
+        "L1-S1": {"flagged": 0, "of": 0, "mae_flagged": None, "mae_others": None},
+        "L1-L5": {"flagged": 1, "of": 3, "mae_flagged": 10.0, "mae_others": 2.0}}
 
 
 def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> None:
@@ -418,7 +449,8 @@ def test_a_series_without_a_spine_gets_an_sr_that_says_no_angle_was_measured(lum
 
 def test_the_lordosis_class_follows_the_configured_thresholds(lumbar_studies: list[Path], tmp_path: Path) -> None:
     """A site's own hypo / hyper thresholds (`results.lordosis_thresholds_deg`) decide the class the SR
-    carries; the angle itself does not change, and findings.json says which thresholds were used."""
+    carries; the angle itself does not change, and findings.json says which thresholds were used (and,
+    as the SR, how far the angle spreads over the central slices)."""
     from pipelines import lordosis
     from structured_reports.model import ResultOptions
     from structured_reports.reader import read_sr
@@ -434,6 +466,7 @@ def test_the_lordosis_class_follows_the_configured_thresholds(lumbar_studies: li
         found = json.loads((tmp_path / name / "findings.json").read_text())["lordosis"]
         assert found["thresholds_deg"] == list(options.lordosis_thresholds_deg) and SR_GRADE[found["class"]] == l1_s1.category
         assert found["angle_deg"]["L1-S1"] == l1_s1.degrees
+        assert found["spread_deg"]["L1-S1"] == l1_s1.spread_deg < SPREAD_DEG  # the SR carries the spread too
         runs[name] = (l1_s1.degrees, l1_s1.category)
     assert runs["hypolordosis"] == (runs["default"][0], "hypolordosis")
     assert runs["hyperlordosis"] == (runs["default"][0], "hyperlordosis")

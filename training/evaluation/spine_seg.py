@@ -25,7 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dicomnode.config import lordosis_class
-from pipelines.lordosis import Endplate, measure, slice_angles, slice_endplates
+from pipelines.lordosis import SPREAD_DEG, Endplate, measure, slice_angles, slice_endplates
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -54,6 +54,7 @@ class StudyResult:
     reference_split: float | None = None  # real cases: see reference_split
     endplate_tilt: dict[str, float] = field(default_factory=dict)  # see endplate_tilt_errors
     contrast: str | None = None  # phantom studies: the one series' contrast
+    spread: dict[str, float] = field(default_factory=dict)  # our angles' spread over the central slices, see measure
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -76,7 +77,10 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
     lumbar = [n for n in ("L1", "L2", "L3", "L4", "L5") if n in r.dice]
     if len(lumbar) == 5:
         r.named_ok = all(r.dice[n] > 0.5 for n in lumbar)
-    r.angles = {a.span: a.degrees for a in measure(pred.labels, series).angles}
+    measured = measure(pred.labels, series)
+    r.angles = {a.span: a.degrees for a in measured.angles}
+    r.spread = {a.span: a.spread_deg for a in measured.angles if a.spread_deg is not None}
+    r.problems = r.problems + measured.problems
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
     r.endplate_tilt = endplate_tilt_errors(pred.labels, truth, series)
     if known is not None:  # real cases: each labelled structure against its best-matching output structure
@@ -317,6 +321,7 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     for where, results in (("phantom", phantom), ("real", real)):
         metrics[where]["endplate tilt error deg"] = {
             name: _mean_abs([r.endplate_tilt.get(name) for r in results]) for name in ENDPLATES}
+        metrics[where]["angles flagged uncertain"] = flagged_errors(results)
     splits = [r.reference_split for r in real if r.reference_split is not None]
     if splits:
         metrics["real"]["angle_L1-L5_manual_odd_vs_even_slices"] = {"mae": float(np.mean(np.abs(splits))), "n": len(splits)}
@@ -335,6 +340,21 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
     _markdown(model, metrics, phantom, real, out, seeds, held)
     return metrics
+
+
+def flagged_errors(results: list[StudyResult]) -> dict[str, dict]:
+    """Per span, the studies whose angle `measure` flags as uncertain (its per-slice values spread over
+    SPREAD_DEG) and the angle error of those against the others: whether the flag tells a radiologist
+    which angles to check."""
+    out = {}
+    for span in ("L1-S1", "L1-L5"):
+        both = [r for r in results if span in r.angles and span in r.reference_angles]
+        groups = {flag: [abs(r.angles[span] - r.reference_angles[span]) for r in both
+                         if (r.spread.get(span, 0.0) > SPREAD_DEG) == flag] for flag in (True, False)}
+        out[span] = {"flagged": len(groups[True]), "of": len(both),
+                     "mae_flagged": float(np.mean(groups[True])) if groups[True] else None,
+                     "mae_others": float(np.mean(groups[False])) if groups[False] else None}
+    return out
 
 
 def _mean_abs(values: list[float | None]) -> dict[str, float | int | None]:
@@ -402,6 +422,12 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         if tilts:
             lines.append(f"- {where} endplate tilt, ours against the {'truth' if where == 'phantom' else 'manual'} masks' on "
                          f"the same central slices, mean absolute difference in deg: {', '.join(tilts)}.")
+    for where in ("phantom", "real"):
+        flags = [f"{span} {v['flagged']} of {v['of']} (MAE {_fmt(v['mae_flagged'])} deg; the others {_fmt(v['mae_others'])})"
+                 for span, v in m[where].get("angles flagged uncertain", {}).items() if v["of"]]
+        if flags:
+            lines.append(f"- {where} angles flagged uncertain (spread over {SPREAD_DEG:g} deg across the central slices): "
+                         f"{', '.join(flags)}.")
     split = m["real"].get("angle_L1-L5_manual_odd_vs_even_slices")
     if split:
         lines.append(f"- The reference's own spread: real L1-L5 from the manual masks on the odd central slices against "
