@@ -3,7 +3,8 @@
 segmentation on the slices through the vertebral midline (the median over them); hypo / normal /
 hyper by thresholds (seed 003's 39 and 53 deg unless the configuration's
 `results.lordosis_thresholds_deg` says otherwise).
-A study where L1 or S1 is not found says so instead of guessing."""
+A study where L1 or S1 is not found says so instead of guessing; an angle that changes much from
+one central slice to the next is reported with that spread and flagged."""
 
 from __future__ import annotations
 
@@ -191,7 +192,8 @@ def slice_angles(per_slice: dict[int, Plates], span: str) -> list[tuple[float, i
 def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> Measured:
     """Both angles from named labels on the series grid (our segmentation, or manual masks). Each
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
-    is reported, so the lines shown on that image give the number reported."""
+    is reported, so the lines shown on that image give the number reported; the per-slice angles'
+    interquartile range goes with it, and above SPREAD_DEG the angle is flagged for a look."""
     per_slice = slice_endplates(labels, series)
     problems, angles = [], []
     for span, (a, b) in SPANS.items():
