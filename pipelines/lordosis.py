@@ -189,6 +189,11 @@ def slice_angles(per_slice: dict[int, Plates], span: str) -> list[tuple[float, i
                   if p[a] is not None and p[b] is not None)
 
 
+def uncertain(spread_deg: float | None) -> bool:
+    """Whether an angle's spread over the central slices calls for a look at its lines (SPREAD_DEG)."""
+    return spread_deg is not None and spread_deg > SPREAD_DEG
+
+
 def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] = LORDOSIS_THRESHOLDS_DEG) -> Measured:
     """Both angles from named labels on the series grid (our segmentation, or manual masks). Each
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
@@ -209,7 +214,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
         if len(measured) >= 3:
             q1, q3 = np.percentile([d for d, _ in measured], [25, 75])
             spread = round(float(q3 - q1), 2)
-            if spread > SPREAD_DEG:
+            if uncertain(spread):
                 problems.append(f"lordosis {span} uncertain: it varies by {spread:.1f} deg (interquartile range) "
                                 f"over the {len(measured)} slices through the vertebral midline; check the endplate "
                                 f"lines on the image")

@@ -69,7 +69,7 @@ class Angle:
     sop_instance_uid: str
     lines: tuple[Line, Line]
     category: str | None = None  # L1-S1 only: a key of codes.GRADES (hypolordosis, normal_lordosis, hyperlordosis)
-    # the angle's interquartile range over the slices it is the median of (None: measured on one slice)
+    # the angle's interquartile range over the slices it is the median of (None: fewer than three slices)
     spread_deg: float | None = None
 
 

@@ -25,7 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dicomnode.config import lordosis_class
-from pipelines.lordosis import SPREAD_DEG, Endplate, measure, slice_angles, slice_endplates
+from pipelines.lordosis import SPREAD_DEG, Endplate, measure, slice_angles, slice_endplates, uncertain
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -350,7 +350,7 @@ def flagged_errors(results: list[StudyResult]) -> dict[str, dict]:
     for span in ("L1-S1", "L1-L5"):
         both = [r for r in results if span in r.angles and span in r.reference_angles]
         groups = {flag: [abs(r.angles[span] - r.reference_angles[span]) for r in both
-                         if (r.spread.get(span, 0.0) > SPREAD_DEG) == flag] for flag in (True, False)}
+                         if uncertain(r.spread.get(span)) == flag] for flag in (True, False)}
         out[span] = {"flagged": len(groups[True]), "of": len(both),
                      "mae_flagged": float(np.mean(groups[True])) if groups[True] else None,
                      "mae_others": float(np.mean(groups[False])) if groups[False] else None}
