@@ -270,7 +270,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = SpineSegConfig(seed=args.seed, context=args.context, beyond_ends=args.beyond_ends, run_rows=args.run_rows,
                          fov_end=args.fov_end, random_contrast=args.random_contrast,
                          random_contrast_real_only=args.random_contrast_real_only, s1_from=args.s1_from,
-                         init_from=args.init_from)
+                         init_from=args.init_from, head_by_source=args.head_by_source)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -446,6 +446,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "this trained model folder marks bone just below the labelled L5 (no real case labels the sacrum)")
     tr.add_argument("--init-from", metavar="MODEL_DIR", help="spine-seg: start from this trained model folder's "
                     "weights (fine-tuning; network width and context must match)")
+    tr.add_argument("--head-by-source", action="store_true", help="spine-seg: one output head learns the phantom's "
+                    "truth, another the real manual masks (their edges may follow other conventions); inference reads the real one")
     tr.add_argument("--lr", type=float, help="spine-seg: peak learning rate of the one-cycle schedule (default 2e-3)")
     tr.add_argument("--dice-weight", type=float, help="spine-seg: weight of the soft Dice term beside "
                     "cross-entropy (default 1; 0: cross-entropy alone)")

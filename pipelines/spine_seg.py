@@ -46,11 +46,16 @@ class Network:
 
     def __init__(self, folder: Path, device: str):
         from training.trainers.common import read_model_folder
+        from training.datasets.spine_seg import CLASSES
         from training.trainers.spine_seg import network
 
         state, description = read_model_folder(folder)
-        self.context = int(description["network"].get("context_slices", 0))
-        self.net = network(tuple(description["network"]["channels"]), 2 * self.context + 1)
+        described = description["network"]
+        self.context = int(described.get("context_slices", 0))
+        heads = described.get("heads", [None])
+        self.net = network(tuple(described["channels"]), 2 * self.context + 1, len(heads))
+        first = heads.index(described.get("inference_head")) * len(CLASSES)
+        self.classes = slice(first, first + len(CLASSES))  # the output channels inference reads
         self.net.load_state_dict(state)
         self.net.to(device).eval()
         self.device = device
@@ -65,7 +70,7 @@ class Network:
         """Class logits [batch, class, row, col] for slices `k` of a padded [slice, row, col] grid."""
         import torch
 
-        return self.net(torch.from_numpy(self.inputs(grid, k)).to(self.device))
+        return self.net(torch.from_numpy(self.inputs(grid, k)).to(self.device))[:, self.classes]
 
 
 def structure_codes() -> dict[str, dict]:
@@ -144,7 +149,7 @@ class Model:
         padded, (r, c) = self.grid(normalise(series.volume), series.spacing, grid_mm)
         where, _ = pad_to(to_grid(region.astype(np.uint8), series.spacing, order=0, grid=grid_mm))
         x = torch.from_numpy(self.explained.inputs(padded, slice(k, k + 1))).to(self.device)
-        cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, segmentation_decision(class_index, where))[:r, :c]
+        cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, segmentation_decision(self.explained.classes.start + class_index, where))[:r, :c]
         rows, cols = series.volume.shape[1:]
         back = ndimage.zoom(cam, (rows / r, cols / c), order=1, grid_mode=True, mode="nearest")[:rows, :cols]
         return np.clip(back, 0, 1).astype(np.float32)

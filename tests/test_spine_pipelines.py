@@ -741,3 +741,29 @@ def test_endplate_of_a_body_cut_by_the_field_of_view(visible_mm: int) -> None:
     assert fit_endplate(l1, (1.0, 1.0), np.array([-1.0, 0.0])) is None
     whole = fit_endplate(full, (1.0, 1.0), np.array([-1.0, 0.3]))
     assert whole is not None and abs(np.degrees(np.arctan2(abs(whole.direction[0]), abs(whole.direction[1]))) - 35) < 2
+
+
+def test_a_network_with_a_head_per_source_learns_each_truth_on_its_own_head(tmp_path: Path) -> None:
+    """With `head_by_source` the phantom slices of a batch are scored on the first head and the real
+    ones on the second, so no gradient of one source reaches the other's logits; the folder says so,
+    inference reads the real head, and a one-head folder cannot seed such a run."""
+    import torch
+
+    from pipelines.spine_seg import Network
+    from training.trainers.spine_seg import SpineSegConfig, by_source, train
+
+    logits = torch.randn(3, 10, 4, 4, requires_grad=True)
+    by_source(logits, 2).square().sum().backward()
+    grad = logits.grad.abs().sum(dim=(2, 3))
+    assert (grad[:2, 5:] == 0).all() and (grad[2:, :5] == 0).all() and (grad[:2, :5] > 0).all() and (grad[2:, 5:] > 0).all()
+    cfg = SpineSegConfig(phantom_seeds=[42], real_cases=["VB3_02"], iterations=2, batch=2, crop=64, channels=(4, 8),
+                         real_fraction=0.5, workers=1, head_by_source=True)
+    folder = train(cfg, tmp_path / "model", tmp_path / "cache")
+    d = json.loads((folder / "model.json").read_text())
+    assert d["network"]["heads"] == ["phantom", "real"] and d["network"]["inference_head"] == "real"
+    net = Network(folder, "cpu")
+    grid = np.random.default_rng(0).random((2, 32, 32), np.float32)
+    with torch.inference_mode():
+        assert net.logits(grid, slice(0, 2)).equal(net.net(torch.from_numpy(grid[:, None]))[:, 5:])
+    with pytest.raises(ValueError, match="a head per source, this run .* one head"):
+        train(replace(cfg, head_by_source=False, init_from=str(folder)), tmp_path / "tuned", tmp_path / "cache")

@@ -387,7 +387,9 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
     lines = [f"# spine-seg {d['version']}: evaluation on data it did not train on", "",
              f"Model: commit {commit}, trained on {d['training']['phantom_slices']} phantom slices "
              f"(seeds {min(d['training']['phantom_seeds'])}-{max(d['training']['phantom_seeds'])}) and "
-             f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases.",
+             f"{d['training']['real_slices']} slices of {len(d['training']['real_case_ids'])} real cases"
+             + (f"; of its heads ({', '.join(d['network']['heads'])}) inference reads the {d['network']['inference_head']} one."
+                if "heads" in d.get("network", {}) else "."),
              *ensemble_line(d),
              f"Phantom held out: seeds {min(seeds)}-{max(seeds)} ({len(phantom)} studies, T2/T1/STIR in turn{cut}). "
              f"Real held out: {len(held)} cases ({', '.join(held)}).", "",

@@ -46,14 +46,19 @@ class SpineSegConfig:
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
     init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
+    head_by_source: bool = False  # one output head for phantom slices, one for real: each learns its truth's edges; inference reads the real one
     seed: int = 0
     workers: int = 2
 
 
-def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: int = 1) -> torch.nn.Module:
+HEADS = ("phantom", "real")  # the output heads of a network trained with head_by_source, in channel order
+
+
+def network(channels: tuple[int, ...] = SpineSegConfig.channels, in_channels: int = 1, heads: int = 1) -> torch.nn.Module:
+    """The U-Net; with `heads` > 1 its output holds that many sets of class logits, one after the other."""
     from monai.networks.nets import UNet
 
-    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=len(data.CLASSES), channels=tuple(channels),
+    return UNet(spatial_dims=2, in_channels=in_channels, out_channels=heads * len(data.CLASSES), channels=tuple(channels),
                 strides=(2,) * (len(channels) - 1), num_res_units=1, norm="batch")
 
 
@@ -122,15 +127,26 @@ def training_batch(phantom: data.Slices, real: data.Slices, n_real: int, cfg: Sp
     return xs, ys
 
 
+def by_source(logits: torch.Tensor, n_phantom: int) -> torch.Tensor:
+    """Each slice's class logits from its own source's head (HEADS order): a batch's first `n_phantom`
+    slices are phantom ones, the rest real, so neither source's truth pulls at the other's edges."""
+    n = len(data.CLASSES)
+    return torch.cat([logits[:n_phantom, :n], logits[n_phantom:, n:2 * n]])
+
+
 def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
     """The `init_from` folder's weights, if any, once its network is known to match this run's."""
     if not cfg.init_from:
         return None
     state, described = read_model_folder(Path(cfg.init_from))
-    theirs = (described["network"]["channels"], described["network"]["in_channels"])
-    if theirs != (list(cfg.channels), 2 * cfg.context + 1):
-        raise ValueError(f"cannot start from {cfg.init_from}: its network has channels {theirs[0]} and "
-                         f"{theirs[1]} input slices, this run {list(cfg.channels)} and {2 * cfg.context + 1}")
+    def network_of(channels: list[int], inputs: int, heads: bool) -> str:
+        return f"channels {channels}, {inputs} input slices and {'a head per source' if heads else 'one head'}"
+
+    theirs = (described["network"]["channels"], described["network"]["in_channels"], "heads" in described["network"])
+    ours = (list(cfg.channels), 2 * cfg.context + 1, cfg.head_by_source)
+    if theirs != ours:
+        raise ValueError(f"cannot start from {cfg.init_from}: its network has {network_of(*theirs)}, "
+                         f"this run {network_of(*ours)}")
     return state
 
 
@@ -145,7 +161,8 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     initial = _initial_weights(cfg)  # a folder that does not fit fails before the rendering
     phantom, real = collect(cfg, cache)
     log.info("training on %d phantom and %d real slices", len(phantom.images), len(real.images))
-    net = network(cfg.channels, 2 * cfg.context + 1)  # after collect, whose --s1-from network draws from the seeded RNG too
+    heads = len(HEADS) if cfg.head_by_source else 1
+    net = network(cfg.channels, 2 * cfg.context + 1, heads)  # after collect, whose --s1-from network draws from the seeded RNG too
     if initial:
         net.load_state_dict(initial)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=1e-4)
@@ -167,6 +184,8 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     for it in bar:
         xs, ys = training_batch(phantom, real, n_real, cfg, rng)
         logits = net(torch.from_numpy(xs))
+        if heads > 1:
+            logits = by_source(logits, cfg.batch - n_real)
         loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight)
         optimise(loss, opt, sched, losses, bar)
         if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
@@ -176,7 +195,8 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     description = {
         "name": "spine-seg", "version": VERSION, "framework": "monai.networks.nets.UNet",
         "network": {"spatial_dims": 2, "in_channels": 2 * cfg.context + 1, "context_slices": cfg.context,
-                    "channels": list(cfg.channels), "num_res_units": 1},
+                    "channels": list(cfg.channels), "num_res_units": 1,
+                    **({"heads": list(HEADS), "inference_head": "real"} if heads > 1 else {})},
         "classes": list(data.CLASSES), "grid_mm": cfg.grid_mm,
         "test_time_grids_mm": [round(cfg.grid_mm * f, 4) for f in data.TEST_TIME_SCALES],
         "normalisation": "per volume: (x - p0.5) / (p99.5 - p0.5), clipped to [0, 1]",
