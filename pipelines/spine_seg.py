@@ -52,9 +52,11 @@ class Network:
         state, description = read_model_folder(folder)
         described = description["network"]
         self.context = int(described.get("context_slices", 0))
-        heads = described.get("heads", [None])
+        heads, read = described.get("heads", [None]), described.get("inference_head")
+        if read not in heads:
+            raise ValueError(f"{folder}/model.json: inference_head {read!r} is not one of its heads {heads}")
         self.net = network(tuple(described["channels"]), 2 * self.context + 1, len(heads))
-        first = heads.index(described.get("inference_head")) * len(CLASSES)
+        first = heads.index(read) * len(CLASSES)
         self.classes = slice(first, first + len(CLASSES))  # the output channels inference reads
         self.net.load_state_dict(state)
         self.net.to(device).eval()
@@ -149,7 +151,8 @@ class Model:
         padded, (r, c) = self.grid(normalise(series.volume), series.spacing, grid_mm)
         where, _ = pad_to(to_grid(region.astype(np.uint8), series.spacing, order=0, grid=grid_mm))
         x = torch.from_numpy(self.explained.inputs(padded, slice(k, k + 1))).to(self.device)
-        cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, segmentation_decision(self.explained.classes.start + class_index, where))[:r, :c]
+        decision = segmentation_decision(self.explained.classes.start + class_index, where)
+        cam = grad_cam(self.explained.net, GRADCAM_LAYER, x, decision)[:r, :c]
         rows, cols = series.volume.shape[1:]
         back = ndimage.zoom(cam, (rows / r, cols / c), order=1, grid_mode=True, mode="nearest")[:rows, :cols]
         return np.clip(back, 0, 1).astype(np.float32)

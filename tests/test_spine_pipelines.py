@@ -765,5 +765,9 @@ def test_a_network_with_a_head_per_source_learns_each_truth_on_its_own_head(tmp_
     grid = np.random.default_rng(0).random((2, 32, 32), np.float32)
     with torch.inference_mode():
         assert net.logits(grid, slice(0, 2)).equal(net.net(torch.from_numpy(grid[:, None]))[:, 5:])
+    d["network"]["inference_head"] = "phantoms"
+    (folder / "model.json").write_text(json.dumps(d))
+    with pytest.raises(ValueError, match="inference_head 'phantoms' is not one of its heads"):
+        Network(folder, "cpu")
     with pytest.raises(ValueError, match="a head per source, this run .* one head"):
         train(replace(cfg, head_by_source=False, init_from=str(folder)), tmp_path / "tuned", tmp_path / "cache")
