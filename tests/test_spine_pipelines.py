@@ -771,3 +771,22 @@ def test_a_network_with_a_head_per_source_learns_each_truth_on_its_own_head(tmp_
         Network(folder, "cpu")
     with pytest.raises(ValueError, match="a head per source, this run .* one head"):
         train(replace(cfg, head_by_source=False, init_from=str(folder)), tmp_path / "tuned", tmp_path / "cache")
+
+
+def test_the_edge_band_lies_along_label_edges_and_weights_only_their_cross_entropy() -> None:
+    """Pixels within 2 of another known class form the band; the border with unknown pixels (what a
+    partial label leaves out) is none. Weight 1 is the plain masked loss; a larger one moves it."""
+    import torch
+
+    from training.trainers.common import edge_band, masked_ce_dice
+
+    target = torch.zeros(1, 12, 12, dtype=torch.uint8)
+    target[0, 4:8, 4:8] = 1  # a labelled square on background
+    target[0, :, 10:] = 255  # unknown at the right
+    band = edge_band(target, target < 5)[0]
+    assert band[4, 4] and band[2, 5] and band[5, 6] and not band[5, 10]
+    assert not band[0, 0] and not band[1, 9] and not band[11, 9]  # far from the square, beside the unknown only
+    logits = torch.randn(1, 5, 12, 12)
+    plain = torch.nn.functional.cross_entropy(logits[..., :10], target[..., :10].long())
+    assert torch.isclose(masked_ce_dice(logits, target, 255, dice_weight=0.0), plain)
+    assert not torch.isclose(masked_ce_dice(logits, target, 255, dice_weight=0.0, edge_weight=3.0), plain)

@@ -6,6 +6,7 @@ metrics, version) beside its weights (`model.pt`), so inference needs only that 
 
 from __future__ import annotations
 
+import functools
 import json
 import pickle
 import platform
@@ -75,14 +76,30 @@ def git_commit(repo: Path = Path(__file__).resolve().parents[2]) -> str:
         return "unknown"
 
 
-def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice_weight: float = 1.0) -> torch.Tensor:
+def edge_band(target: torch.Tensor, known: torch.Tensor, width: int = 2) -> torch.Tensor:
+    """The known pixels within `width` pixels of another known class: where a label's edge lies
+    (the border with what a partial label leaves unknown is no edge)."""
+    t = target.float()[:, None]
+    k = known[:, None]
+    pool = functools.partial(torch.nn.functional.max_pool2d, kernel_size=2 * width + 1, stride=1, padding=width)
+    high = pool(torch.where(k, t, -torch.inf))
+    low = -pool(torch.where(k, -t, -torch.inf))
+    return (known & (high != low)[:, 0])
+
+
+def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice_weight: float = 1.0,
+                   edge_weight: float = 1.0) -> torch.Tensor:
     """Cross-entropy plus soft Dice over the pixels whose class is known (target < number of
     classes); `ignore` teaches nothing; values between the classes and `ignore` say "not class
     254 - value" and add -log(1 - p) of that class. What a partially labelled case does not label
-    is never taught as background. `dice_weight` scales the Dice term (0: cross-entropy alone)."""
+    is never taught as background. `dice_weight` scales the Dice term (0: cross-entropy alone);
+    `edge_weight` the cross-entropy of pixels in a label's edge band (1: every pixel alike)."""
     n = logits.shape[1]
     known = target < n
-    ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore)
+    ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore,
+                                           reduction="none")
+    weight = torch.where(edge_band(target, known), edge_weight, 1.0) * known if edge_weight != 1.0 else known.float()
+    ce = (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     prob = torch.softmax(logits, dim=1)
     negative = (target >= 254 - n + 1) & (target < ignore)
     loss = ce

@@ -45,6 +45,7 @@ class SpineSegConfig:
     random_contrast_real_only: bool = False  # the phantom keeps its designed contrasts (random ones cost its Dice)
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
+    edge_weight: float = 1.0  # cross-entropy weight of pixels within 2 of a label's edge (common.edge_band)
     init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
     head_by_source: bool = False  # one output head for phantom slices, one for real: each learns its truth's edges; inference reads the real one
     seed: int = 0
@@ -186,7 +187,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         logits = net(torch.from_numpy(xs))
         if heads > 1:
             logits = by_source(logits, cfg.batch - n_real)
-        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight)
+        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight, cfg.edge_weight)
         optimise(loss, opt, sched, losses, bar)
         if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
             out.mkdir(parents=True, exist_ok=True)
