@@ -54,7 +54,8 @@ def test_training_and_evaluation_mistakes_say_what_without_a_traceback(tmp_path:
     for args, said in ((["train", "spine-seg", "--fold", "VB2"], "error: no real cases of dataset 'VB2'"),
                        (["train", "spine-seg", "--real-dir", str(tmp_path)], "error: no real cases"),
                        (["train", "spine-seg", "--crop", "100"], "must be a multiple of 16"),
-                       (["train", "spine-seg", "--grid-mm", "0"], "the grid (0.0 mm) positive"),
+                       (["train", "spine-seg", "--grid-mm", "0"], "the grid (0.0 mm) and the edge weight (1.0) positive"),
+                       (["train", "spine-seg", "--edge-weight", "-1"], "the edge weight (-1.0) positive"),
                        (["evaluate", "spine-seg", "--model-folder", str(tmp_path)], "is not a model folder")):
         r = run(*args, "--out", str(tmp_path / "out"))
         assert r.returncode != 0 and said in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -153,9 +153,9 @@ def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
 
 def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
     """Train and write the model folder `out`; `out/checkpoint.pt` lets an interrupted run resume."""
-    if cfg.crop <= 0 or cfg.crop % 16 or cfg.grid_mm <= 0:
+    if cfg.crop <= 0 or cfg.crop % 16 or cfg.grid_mm <= 0 or cfg.edge_weight <= 0:
         raise ValueError(f"spine-seg training crop {cfg.crop} must be a multiple of 16 (U-Net strides), at least 16, "
-                         f"and the grid ({cfg.grid_mm} mm) positive")
+                         f"and the grid ({cfg.grid_mm} mm) and the edge weight ({cfg.edge_weight}) positive")
     rng = seed_everything(cfg.seed)
     commit = git_commit()  # the code that trains, not whatever is checked out when it ends
     torch.set_num_threads(max(torch.get_num_threads(), 1))
