@@ -46,7 +46,6 @@ class Network:
 
     def __init__(self, folder: Path, device: str):
         from training.trainers.common import read_model_folder
-        from training.datasets.spine_seg import CLASSES
         from training.trainers.spine_seg import network
 
         state, description = read_model_folder(folder)
@@ -56,8 +55,8 @@ class Network:
         if read not in heads:
             raise ValueError(f"{folder}/model.json: inference_head {read!r} is not one of its heads {heads}")
         self.net = network(tuple(described["channels"]), 2 * self.context + 1, len(heads))
-        first = heads.index(read) * len(CLASSES)
-        self.classes = slice(first, first + len(CLASSES))  # the output channels inference reads
+        n, i = len(description["classes"]), heads.index(read)
+        self.classes = slice(i * n, (i + 1) * n)  # the output channels inference reads
         self.net.load_state_dict(state)
         self.net.to(device).eval()
         self.device = device

@@ -84,7 +84,7 @@ def edge_band(target: torch.Tensor, known: torch.Tensor, width: int = 2) -> torc
     pool = functools.partial(torch.nn.functional.max_pool2d, kernel_size=2 * width + 1, stride=1, padding=width)
     high = pool(torch.where(k, t, -torch.inf))
     low = -pool(torch.where(k, -t, -torch.inf))
-    return (known & (high != low)[:, 0])
+    return known & (high != low)[:, 0]
 
 
 def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice_weight: float = 1.0,
@@ -98,7 +98,7 @@ def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice
     known = target < n
     ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore,
                                            reduction="none")
-    weight = torch.where(edge_band(target, known), edge_weight, 1.0) * known if edge_weight != 1.0 else known.float()
+    weight = torch.where(edge_band(target, known), edge_weight, 1.0) * known
     ce = (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     prob = torch.softmax(logits, dim=1)
     negative = (target >= 254 - n + 1) & (target < ignore)

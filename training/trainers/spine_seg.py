@@ -140,6 +140,7 @@ def _initial_weights(cfg: SpineSegConfig) -> dict[str, torch.Tensor] | None:
     if not cfg.init_from:
         return None
     state, described = read_model_folder(Path(cfg.init_from))
+
     def network_of(channels: list[int], inputs: int, heads: bool) -> str:
         return f"channels {channels}, {inputs} input slices and {'a head per source' if heads else 'one head'}"
 
