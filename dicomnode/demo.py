@@ -79,7 +79,7 @@ def run_demo(out: Path, seed: int, timeout: float = 600) -> dict:
         for a in report.angles:
             print(f"    lordosis {a.span}: {a.degrees:.1f} deg (truth {truth['lordosis_deg'][a.span]:.1f})"
                   + (f", interquartile range {a.spread_deg:.1f} deg over the central slices" if a.spread_deg is not None else "")
-                  + (f", {a.category}" if a.category else ""))
+                  + (f", {a.category}" if a.category else "") + (", flagged uncertain: check its lines" if a.uncertain else ""))
         for span in report.unmeasured:
             print(f"    lordosis {span}: not measured (in the SR as \"Measurement failure\")")
         print(f"  result: {png}")

@@ -221,7 +221,7 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
-                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None, spread))
+                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None, spread, uncertain(spread)))
     by_span = {a.span: a for a in angles}
     if {"L1-S1", "L1-L5"} <= set(by_span) and by_span["L1-S1"].degrees < by_span["L1-L5"].degrees - IMPLAUSIBLE_DEG:
         problems.append(f"lordosis L1-S1 not reported: {by_span['L1-S1'].degrees:.1f} deg is less than L1-L5's "

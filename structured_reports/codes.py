@@ -120,6 +120,9 @@ MEASUREMENT_FAILURE = Code("114006", "DCM", "Measurement failure")
 # interquartile range of those values is its statistical property (TID 311): how far to trust it
 MEDIAN = Code("373099004", "SCT", "Median")
 INTERQUARTILE_RANGE = Code("130614", "DCM", "Interquartile Range of population")
+# An angle whose spread over the slices calls for a look at its lines: a qualitative evaluation of the
+# lordosis group, the angle's own code as its name and this as its value, so a viewer shows "... L1-L5: Uncertain"
+UNCERTAIN = Code("64957009", "SCT", "Uncertain")
 
 # ---------------------------------------------------------------- units, report, algorithms, maps
 DEGREE = Code("deg", "UCUM", "Degree")

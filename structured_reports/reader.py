@@ -17,6 +17,7 @@ MEASUREMENT_GROUP = ("125007", "DCM")
 FINDING = ("121071", "DCM")
 FINDING_SITE = ("363698007", "SCT")
 IMAGE_REGION = ("111030", "DCM")
+UNCERTAIN = (codes.UNCERTAIN.value, codes.UNCERTAIN.scheme_designator)
 
 
 def _key(item: Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, str]:
@@ -64,7 +65,7 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
     report = Report()
     for group in _groups(sr):
         kind = level = grade = None
-        probability, region, segment, angles, unmeasured = None, None, None, [], []
+        probability, region, segment, angles, unmeasured, uncertain = None, None, None, [], [], []
         for item in group.ContentSequence:
             concept = _key(item)
             if concept == FINDING:
@@ -73,6 +74,8 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
                 level = _lookup(_sites(), item, "finding site")
             elif item.ValueType == "CODE" and concept == (codes.GRADE.value, codes.GRADE.scheme_designator):
                 grade = _lookup(codes.GRADES, item, "grade")
+            elif item.ValueType == "CODE" and _key(item, "ConceptCodeSequence") == UNCERTAIN:
+                uncertain.append(_span(item))
             elif item.ValueType == "NUM" and concept == (codes.PROBABILITY.value, codes.PROBABILITY.scheme_designator):
                 probability = float(item.MeasuredValueSequence[0].NumericValue)
             elif item.ValueType == "NUM" and not item.get("MeasuredValueSequence"):
@@ -90,7 +93,8 @@ def read_sr(sr: Dataset, seg: Dataset | None = None) -> Report:
                 segment = segment_names.get(number, f"segment {number}")
         if kind == "lumbar_lordosis":
             # the lordosis category is defined on the L1-S1 angle (hypo / normal / hyper thresholds)
-            report.angles += [replace(a, category=grade if a.span == "L1-S1" else None) for a in angles]
+            report.angles += [replace(a, category=grade if a.span == "L1-S1" else None, uncertain=a.span in uncertain)
+                              for a in angles]
             report.unmeasured += unmeasured
         elif kind is not None and level is not None and probability is not None:
             report.findings.append(Finding(kind, level, probability, grade, region, segment))

@@ -43,7 +43,8 @@ def render_slice(sources: Sequence[Dataset], index: int, segments: Sequence[Segm
         colour = "#ff5050" if a.span == "L1-S1" else "#ffd24d"
         for ln in a.lines:  # SCOORD (0,0) is a pixel corner; imshow puts pixel centres on integers
             ax.plot([ln.start[0] - 0.5, ln.end[0] - 0.5], [ln.start[1] - 0.5, ln.end[1] - 0.5], color=colour, lw=1.6)
-        ax.text(0.02, y_text, f"lordosis {a.span}: {a.degrees:.1f}°" + (f" ({a.category})" if a.category else ""),
+        ax.text(0.02, y_text, f"lordosis {a.span}: {a.degrees:.1f}°" + (f" ({a.category})" if a.category else "")
+                + (", uncertain" if a.uncertain else ""),
                 color=colour, transform=ax.transAxes, fontsize=9, bbox={"facecolor": "black", "alpha": 0.6, "lw": 0})
         y_text += 0.06
     return _save(fig, ax, out, title)

@@ -1,8 +1,9 @@
 """TID 1500 Measurement Report in a Comprehensive 3D SR: a measurement group per finding (site,
 coded finding, grade, probability, image region or SEG segment) and one for the lumbar lordosis
-(angles in degrees with their endplate lines as POLYLINEs on the slice they were measured on; an
-angle that could not be measured, L1 or S1 outside the field of view say, is there without a value,
-qualified "Measurement failure", so the radiologist's viewer shows that it was tried)."""
+(angles in degrees with their endplate lines as POLYLINEs on the slice they were measured on, each the
+median over the central slices with their interquartile range, "Uncertain" where that spread calls for a
+look at the lines; an angle that could not be measured, L1 or S1 outside the field of view say, is there
+without a value, qualified "Measurement failure", so the radiologist's viewer shows that it was tried)."""
 
 from __future__ import annotations
 
@@ -122,10 +123,11 @@ def _lordosis_group(angles: Sequence[Angle], unmeasured: Sequence[str], sources:
                                               algorithm_id=algo, referenced_coordinates=lines, **_over_slices(a)))
     measurements += [_failed(span, algo) for span in unmeasured]
     category = next((a.category for a in angles if a.category), None)
+    flags = [hd.sr.QualitativeEvaluation(_angle_code(a.span), codes.UNCERTAIN) for a in angles if a.uncertain]
     return hd.sr.MeasurementsAndQualitativeEvaluations(
         tracking_identifier=_tracking("lumbar lordosis"), finding_type=codes.FINDINGS["lumbar_lordosis"],
         finding_sites=[hd.sr.FindingSite(codes.LUMBAR_SPINE)], measurements=measurements,
-        qualitative_evaluations=_grade(category) or None, algorithm_id=algo)
+        qualitative_evaluations=_grade(category) + flags or None, algorithm_id=algo)
 
 
 def build_sr(sources: Sequence[Dataset], findings: Sequence[Finding], angles: Sequence[Angle], algorithm: Algorithm,

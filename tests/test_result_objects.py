@@ -207,10 +207,11 @@ def test_an_angle_not_measured_is_in_the_report_without_a_value(built: list[Buil
 
 def test_an_angle_measured_over_several_slices_carries_its_spread(built: list[Built], tmp_path: Path) -> None:
     """The pipeline's angle is the median over the central slices: the SR says "Median" (CID 3627) and
-    gives their interquartile range as the measurement's statistical property (TID 310/311), which
-    dciodvfy and dcmqi accept and we read back; an angle from one slice (the phantom truth) has neither."""
+    gives their interquartile range as the measurement's statistical property (TID 310/311), and an
+    angle flagged for its spread is evaluated "Uncertain" in the group, which dciodvfy and dcmqi accept
+    and we read back; an angle from one slice (the phantom truth) has neither."""
     t = built[0].truth
-    angles = [replace(a, spread_deg=9.5) if a.span == "L1-L5" else a for a in t.angles]
+    angles = [replace(a, spread_deg=9.5, uncertain=True) if a.span == "L1-L5" else a for a in t.angles]
     path = tmp_path / "sr-spread.dcm"
     build_sr(t.sources, [], angles, ALGORITHM).save_as(path)
     assert dciodvfy_errors(path) == []
@@ -226,8 +227,11 @@ def test_an_angle_measured_over_several_slices_carries_its_spread(built: list[Bu
                                                  for p in i.get("measurementNumProperties", [])]
                   for i in group["measurementItems"]}
     assert properties == {"Lumbar lordosis angle L1-S1": [], "Lumbar lordosis angle L1-L5": [("130614", "9.5")]}
+    evaluations = {(e["conceptCode"]["CodeMeaning"], e["conceptValue"]["CodeMeaning"]) for e in group["qualitativeEvaluations"]}
+    assert ("Lumbar lordosis angle L1-L5", "Uncertain") in evaluations
+    assert dump.count('"Lumbar lordosis angle L1-L5")=(64957009,SCT,"Uncertain")') == 1
     report = read_sr(pydicom.dcmread(path))
-    assert [(a.span, a.spread_deg) for a in report.angles] == [("L1-S1", None), ("L1-L5", 9.5)]
+    assert [(a.span, a.spread_deg, a.uncertain) for a in report.angles] == [("L1-S1", None, False), ("L1-L5", 9.5, True)]
 
 
 def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(built: list[Built], tmp_path: Path) -> None:

@@ -202,6 +202,7 @@ def test_an_angle_that_changes_from_slice_to_slice_is_flagged_uncertain(lumbar_s
     spread = {a.span: a.spread_deg for a in m.angles}  # still reported: the flag asks for a look
     assert list(spread) == ["L1-S1", "L1-L5"] and spread["L1-L5"] > SPREAD_DEG and spread["L1-S1"] < 1.0
     assert len(m.problems) == 1 and m.problems[0].startswith("lordosis L1-L5 uncertain")
+    assert [a.uncertain for a in m.angles] == [False, True] and not any(a.uncertain for a in clean.angles)
 
 
 def test_the_report_counts_flagged_angles_and_their_error_apart() -> None:
