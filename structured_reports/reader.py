@@ -25,8 +25,8 @@ def _key(item: Dataset, attr: str = "ConceptNameCodeSequence") -> tuple[str, str
     return str(code.CodeValue), str(code.CodingSchemeDesignator)
 
 
-def _lookup(table: dict, item: Dataset, what: str) -> str:
-    value = _key(item, "ConceptCodeSequence")
+def _lookup(table: dict, item: Dataset, what: str, attr: str = "ConceptCodeSequence") -> str:
+    value = _key(item, attr)
     for name, code in table.items():
         if (code.value, code.scheme_designator) == value:
             return name
@@ -115,7 +115,7 @@ def _groups(sr: Dataset) -> list[Dataset]:
 
 
 def _span(item: Dataset) -> str:
-    return next(k for k, c in codes.ANGLES.items() if (c.value, c.scheme_designator) == _key(item))
+    return _lookup(codes.ANGLES, item, "lordosis angle", "ConceptNameCodeSequence")
 
 
 def _angle(item: Dataset) -> Angle:

@@ -10,6 +10,7 @@ import re
 import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -233,6 +234,17 @@ def test_an_angle_measured_over_several_slices_carries_its_spread(built: list[Bu
     assert dump.count('"Lumbar lordosis angle L1-L5")=(64957009,SCT,"Uncertain")') == 1
     report = read_sr(pydicom.dcmread(path))
     assert [(a.span, a.spread_deg, a.uncertain) for a in report.angles] == [("L1-S1", None, False), ("L1-L5", 9.5, True)]
+
+    def items(sequence: Sequence[pydicom.Dataset]) -> Iterator[pydicom.Dataset]:
+        for item in sequence:
+            yield item
+            yield from items(item.get("ContentSequence", []))
+    edited = pydicom.dcmread(path)
+    for item in items(edited.ContentSequence):
+        if item.ConceptNameCodeSequence[0].CodeValue == "LLA-L1L5":
+            item.ConceptNameCodeSequence[0].CodeValue = "LLA-L2L5"
+    with pytest.raises(ValueError, match=r"unknown lordosis angle code \('LLA-L2L5'"):
+        read_sr(edited)  # an angle we do not know is named, not a bare StopIteration
 
 
 def test_orthanc_accepts_every_object_and_serves_it_back_unchanged(built: list[Built], tmp_path: Path) -> None:
