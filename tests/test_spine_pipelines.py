@@ -26,7 +26,7 @@ from training.datasets.spine_seg import TEST_TIME_SCALES, phantom_classes
 from training.evaluation.ensemble import chosen_weights, weight_grid, write_ensemble
 from training.evaluation.metrics import dice
 from training.evaluation.spine_seg import (StudyResult, edge_offsets, endplate_tilt_errors, ensemble_line, evaluate,
-                                          flagged_errors, recall_by_cut, reference_split)
+                                          flagged_errors, named_ok, recall_by_cut, reference_split)
 from training.phantom.anatomy import LABEL_VALUES
 from training.phantom.generator import PhantomOptions, generate_study
 from training.trainers.common import git_commit, random_contrast
@@ -215,6 +215,16 @@ def test_the_report_counts_flagged_angles_and_their_error_apart() -> None:
     assert flagged_errors(studies) == {
         "L1-S1": {"flagged": 0, "of": 0, "mae_flagged": None, "mae_others": None},
         "L1-L5": {"flagged": 1, "of": 3, "mae_flagged": 10.0, "mae_others": 2.0}}
+
+
+def test_a_study_labelling_only_discs_is_judged_on_its_five_discs() -> None:
+    """The IVD cases label discs only: five discs named right mean L1-L5 named right; a study off by a
+    level overlaps nowhere at the shifted names. VB1 (levels unnamed) is not judged."""
+    bodies = {n: 0.9 for n in ("L1", "L2", "L3", "L4", "L5")}
+    discs = {n: 0.85 for n in ("L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1")}
+    assert named_ok(bodies) is True and named_ok({**bodies, "L4": 0.0}) is False
+    assert named_ok(discs) is True and named_ok({**discs, "L5/S1": 0.0}) is False
+    assert named_ok({"L1/L2": 0.9, "L2/L3": 0.9}) is None and named_ok({}) is None
 
 
 def test_levels_are_named_by_counting_up_from_s1(lumbar_studies: list[Path]) -> None:

@@ -7,7 +7,7 @@ the node runs (DICOM series in, named labels and angles out).
 - Real: the held-out fold of `../shared/data/real_lumbar` (the shipped model never saw it):
   Dice/IoU per level where the case names its levels (VB3 bodies L1-L5, IVD discs), Dice of each
   labelled structure with the output structure that overlaps it most, whatever its name (VB1 names no
-  levels), level naming per VB3 study, recall by how fully each sagittal slice cuts the labelled
+  levels), level naming per study that labels L1-L5 or its five discs (VB3, IVD), recall by how fully each sagittal slice cuts the labelled
   structures (where voxels are missed), and the L1-L5 angle from our segmentation against the same
   measurement on the manual masks.
 - Both: each endplate's tilt against the reference masks' (which endplate an angle error comes from).
@@ -74,9 +74,7 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
         if t.any():
             r.dice[name] = dice(pred.labels == LABEL_VALUES[name], t)
             r.iou[name] = iou(pred.labels == LABEL_VALUES[name], t)
-    lumbar = [n for n in ("L1", "L2", "L3", "L4", "L5") if n in r.dice]
-    if len(lumbar) == 5:
-        r.named_ok = all(r.dice[n] > 0.5 for n in lumbar)
+    r.named_ok = named_ok(r.dice)
     measured = measure(pred.labels, series)
     r.angles = {a.span: a.degrees for a in measured.angles}
     r.spread = {a.span: a.spread_deg for a in measured.angles if a.spread_deg is not None}
@@ -89,6 +87,16 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
         r.edge_offsets = edge_offsets(pred.classes, truth, series.spacing)
         r.reference_split = reference_split(truth, series)
     return r
+
+
+def named_ok(level_dice: dict[str, float]) -> bool | None:
+    """All five lumbar levels named right: by the bodies L1-L5 where they are labelled, else by the discs
+    L1/L2-L5/S1 (the IVD cases label only discs; a disc's name comes from the bodies on either side, so
+    five discs named right mean L1-L5 named right). None where neither set is labelled whole."""
+    for levels in (BODIES[:5], DISCS):
+        if all(n in level_dice for n in levels):
+            return all(level_dice[n] > 0.5 for n in levels)
+    return None
 
 
 def endplate_tilt_errors(labels: np.ndarray, reference: np.ndarray, series: Series) -> dict[str, float]:
@@ -399,8 +407,9 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
                      f"{_fmt(m['real']['dice'].get(s))} | {_fmt(m['real']['iou'].get(s))} |")
     for s in ("vertebral body (any level)", "disc (any level)"):
         lines.append(f"| {s}: best-matching output structure, naming aside | | | {_fmt(m['real']['dice'].get(s))} | |")
-    lines += ["", f"- Level naming (all five lumbar bodies right): phantom {_fmt(m['phantom']['level_naming_accuracy'])}, "
-              f"real {_fmt(m['real']['level_naming_accuracy'])} over {m['real']['level_naming_studies']} studies that name L1-L5.",
+    lines += ["", f"- Level naming (all five lumbar bodies right, or all five discs where only discs are labelled): phantom "
+              f"{_fmt(m['phantom']['level_naming_accuracy'])}, real {_fmt(m['real']['level_naming_accuracy'])} over "
+              f"{m['real']['level_naming_studies']} studies that label L1-L5 or L1/L2-L5/S1.",
               f"- Lordosis class accuracy (phantom, L1-S1): {_fmt(m['phantom']['lordosis_class_accuracy'])}."]
     by_contrast = "; ".join(f"{c} {_fmt(v['bodies'])} / {_fmt(v['discs'])} / {_fmt(v['canal'])} ({v['studies']} studies)"
                             for c, v in m["phantom"].get("dice_by_contrast", {}).items())
