@@ -7,9 +7,9 @@ the node runs (DICOM series in, named labels and angles out).
 - Real: the held-out fold of `../shared/data/real_lumbar` (the shipped model never saw it):
   Dice/IoU per level where the case names its levels (VB3 bodies L1-L5, IVD discs), Dice of each
   labelled structure with the output structure that overlaps it most, whatever its name (VB1 names no
-  levels), level naming per study that labels L1-L5 or its five discs (VB3, IVD), recall by how fully each sagittal slice cuts the labelled
-  structures (where voxels are missed), and the L1-L5 angle from our segmentation against the same
-  measurement on the manual masks.
+  levels), level naming per study that labels L1-L5 or its five discs (VB3, IVD), recall by how
+  fully each sagittal slice cuts the labelled structures (where voxels are missed), and the L1-L5
+  angle from our segmentation against the same measurement on the manual masks.
 - Both: each endplate's tilt against the reference masks' (which endplate an angle error comes from).
 """
 
