@@ -271,7 +271,7 @@ def _train(args: argparse.Namespace) -> int:
                          fov_end=args.fov_end, random_contrast=args.random_contrast,
                          random_contrast_real_only=args.random_contrast_real_only, s1_from=args.s1_from,
                          init_from=args.init_from, head_by_source=args.head_by_source,
-                         edge_weight=args.edge_weight)
+                         edge_weight=args.edge_weight, edge_weight_phantom_only=args.edge_weight_phantom_only)
     if args.phantom_seeds:
         cfg.phantom_seeds = _seeds(args.phantom_seeds)
     cfg.iterations = args.iterations or cfg.iterations
@@ -454,6 +454,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "cross-entropy (default 1; 0: cross-entropy alone)")
     tr.add_argument("--edge-weight", type=float, default=1.0, help="spine-seg: cross-entropy weight of the pixels "
                     "within 2 pixels of a label's edge (default 1: every pixel alike)")
+    tr.add_argument("--edge-weight-phantom-only", action="store_true", help="spine-seg: --edge-weight on the "
+                    "phantom slices alone, whose edges are exact; the real manual masks' edges weigh as any pixel")
     tr.add_argument("--context", type=int, default=0, help="neighbouring slices on either side as input channels "
                     "(0: 2-D, the shipped default; 1: 2.5-D)")
     tr.add_argument("--real-fraction", type=float, help="spine-seg: share of each batch from real slices (default 0.4)")

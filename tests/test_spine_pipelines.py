@@ -801,3 +801,25 @@ def test_the_edge_band_lies_along_label_edges_and_weights_only_their_cross_entro
     plain = torch.nn.functional.cross_entropy(logits[..., :10], target[..., :10].long())
     assert torch.isclose(masked_ce_dice(logits, target, 255, dice_weight=0.0), plain)
     assert not torch.isclose(masked_ce_dice(logits, target, 255, dice_weight=0.0, edge_weight=3.0), plain)
+
+
+def test_edge_weight_phantom_only_leaves_the_real_slices_edges_as_any_pixel() -> None:
+    """A batch holds phantom slices first, then `n_real` real ones; with the phantom-only flag the
+    real slices' weight is 1, so their loss equals the unweighted one while the phantom's moves."""
+    import torch
+
+    from training.trainers import spine_seg as trainer
+    from training.trainers.common import masked_ce_dice
+
+    cfg = trainer.SpineSegConfig(batch=4, edge_weight=3.0, edge_weight_phantom_only=True)
+    assert trainer.edge_weights(cfg, 1).tolist() == [3.0, 3.0, 3.0, 1.0]
+    assert trainer.edge_weights(replace(cfg, edge_weight_phantom_only=False), 1).tolist() == [3.0] * 4
+    target = torch.zeros(2, 12, 12, dtype=torch.uint8)
+    target[:, 4:8, 4:8] = 1
+    logits = torch.randn(2, 5, 12, 12)
+    weights = torch.tensor([3.0, 1.0])  # a phantom slice, then a real one
+    real = masked_ce_dice(logits[1:], target[1:], 255, dice_weight=0.0, edge_weight=weights[1:])
+    assert torch.isclose(real, masked_ce_dice(logits[1:], target[1:], 255, dice_weight=0.0))
+    phantom = masked_ce_dice(logits[:1], target[:1], 255, dice_weight=0.0, edge_weight=weights[:1])
+    assert torch.isclose(phantom, masked_ce_dice(logits[:1], target[:1], 255, dice_weight=0.0, edge_weight=3.0))
+    assert not torch.isclose(phantom, masked_ce_dice(logits[:1], target[:1], 255, dice_weight=0.0))

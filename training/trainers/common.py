@@ -88,17 +88,19 @@ def edge_band(target: torch.Tensor, known: torch.Tensor, width: int = 2) -> torc
 
 
 def masked_ce_dice(logits: torch.Tensor, target: torch.Tensor, ignore: int, dice_weight: float = 1.0,
-                   edge_weight: float = 1.0) -> torch.Tensor:
+                   edge_weight: float | torch.Tensor = 1.0) -> torch.Tensor:
     """Cross-entropy plus soft Dice over the pixels whose class is known (target < number of
     classes); `ignore` teaches nothing; values between the classes and `ignore` say "not class
     254 - value" and add -log(1 - p) of that class. What a partially labelled case does not label
     is never taught as background. `dice_weight` scales the Dice term (0: cross-entropy alone);
-    `edge_weight` the cross-entropy of pixels in a label's edge band (1: every pixel alike)."""
+    `edge_weight` the cross-entropy of pixels in a label's edge band (1: every pixel alike), one for
+    the batch or one per slice (a source whose truth's edges are exact may weigh them, another not)."""
     n = logits.shape[1]
     known = target < n
     ce = torch.nn.functional.cross_entropy(logits, torch.where(known, target, ignore).long(), ignore_index=ignore,
                                            reduction="none")
-    weight = torch.where(edge_band(target, known), edge_weight, 1.0) * known
+    per_slice = torch.as_tensor(edge_weight, dtype=logits.dtype).reshape(-1, 1, 1)
+    weight = torch.where(edge_band(target, known), per_slice, 1.0) * known
     ce = (ce * weight).sum() / weight.sum().clamp(min=1e-6)
     prob = torch.softmax(logits, dim=1)
     negative = (target >= 254 - n + 1) & (target < ignore)

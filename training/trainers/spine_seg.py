@@ -46,6 +46,7 @@ class SpineSegConfig:
     s1_from: str | None = None  # a trained spine-seg model folder: S1 in the real cases where it marks bone below L5
     dice_weight: float = 1.0  # weight of the soft Dice term beside cross-entropy
     edge_weight: float = 1.0  # cross-entropy weight of pixels within 2 of a label's edge (common.edge_band)
+    edge_weight_phantom_only: bool = False  # the phantom's edges are exact; the manual masks' follow a hand
     init_from: str | None = None  # a trained spine-seg model folder whose weights the run starts from (fine-tuning)
     head_by_source: bool = False  # one output head for phantom slices, one for real: each learns its truth's edges; inference reads the real one
     seed: int = 0
@@ -128,6 +129,15 @@ def training_batch(phantom: data.Slices, real: data.Slices, n_real: int, cfg: Sp
     return xs, ys
 
 
+def edge_weights(cfg: SpineSegConfig, n_real: int) -> torch.Tensor:
+    """Each slice's edge weight in a batch (phantom slices first): with `edge_weight_phantom_only` the
+    real slices' edges weigh as much as any pixel."""
+    w = torch.full((cfg.batch,), cfg.edge_weight)
+    if cfg.edge_weight_phantom_only:
+        w[cfg.batch - n_real:] = 1.0
+    return w
+
+
 def by_source(logits: torch.Tensor, n_phantom: int) -> torch.Tensor:
     """Each slice's class logits from its own source's head (HEADS order): a batch's first `n_phantom`
     slices are phantom ones, the rest real, so neither source's truth pulls at the other's edges."""
@@ -188,7 +198,7 @@ def train(cfg: SpineSegConfig, out: Path, cache: Path) -> Path:
         logits = net(torch.from_numpy(xs))
         if heads > 1:
             logits = by_source(logits, cfg.batch - n_real)
-        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight, cfg.edge_weight)
+        loss = masked_ce_dice(logits, torch.from_numpy(ys), data.IGNORE, cfg.dice_weight, edge_weights(cfg, n_real))
         optimise(loss, opt, sched, losses, bar)
         if (it + 1) % 250 == 0 or it + 1 == cfg.iterations:
             out.mkdir(parents=True, exist_ok=True)
