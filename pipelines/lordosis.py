@@ -198,9 +198,11 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
     """Both angles from named labels on the series grid (our segmentation, or manual masks). Each
     angle is measured on every central slice (`central_slices`) and the slice with the median angle
     is reported, so the lines shown on that image give the number reported; the per-slice angles'
-    interquartile range goes with it, and above SPREAD_DEG the angle is flagged for a look."""
+    interquartile range goes with it, and above SPREAD_DEG the angle is flagged for a look; both
+    angles are where L5's size puts the naming of L5 and S1 in doubt (`spine_seg.l5_size_doubt`)."""
     per_slice = slice_endplates(labels, series)
     problems, angles = [], []
+    l5_doubt = spine_seg.l5_size_doubt(labels) is not None  # both angles rest on L5 or S1: flagged, said once by the naming
     for span, (a, b) in SPANS.items():
         measured = slice_angles(per_slice, span)
         if not measured:
@@ -221,7 +223,8 @@ def measure(labels: np.ndarray, series: Series, thresholds: tuple[float, float] 
         lines = tuple(Line((e.ends_px[0][1] + 0.5, e.ends_px[0][0] + 0.5), (e.ends_px[1][1] + 0.5, e.ends_px[1][0] + 0.5))
                       for e in (per_slice[k][a], per_slice[k][b]))  # type: ignore[union-attr]  # SCOORD (column, row)
         angles.append(Angle(span, round(deg, 2), str(series.datasets[k].SOPInstanceUID), lines,  # type: ignore[arg-type]
-                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None, spread, uncertain(spread)))
+                            SR_GRADE[lordosis_class(deg, thresholds)] if span == "L1-S1" else None, spread,
+                            uncertain(spread) or l5_doubt))
     by_span = {a.span: a for a in angles}
     if {"L1-S1", "L1-L5"} <= set(by_span) and by_span["L1-S1"].degrees < by_span["L1-L5"].degrees - IMPLAUSIBLE_DEG:
         problems.append(f"lordosis L1-S1 not reported: {by_span['L1-S1'].degrees:.1f} deg is less than L1-L5's "

@@ -71,7 +71,7 @@ class Angle:
     category: str | None = None  # L1-S1 only: a key of codes.GRADES (hypolordosis, normal_lordosis, hyperlordosis)
     # the angle's interquartile range over the slices it is the median of (None: fewer than three slices)
     spread_deg: float | None = None
-    uncertain: bool = False  # the spread calls for a look at the lines (the pipeline decides; the SR says so)
+    uncertain: bool = False  # the lines need a look (spread, doubtful naming: the pipeline decides; the SR says so)
 
 
 @dataclass(frozen=True)

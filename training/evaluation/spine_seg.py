@@ -25,7 +25,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from dicomnode.config import lordosis_class
-from pipelines.lordosis import SPREAD_DEG, Endplate, measure, slice_angles, slice_endplates, uncertain
+from pipelines.lordosis import SPREAD_DEG, Endplate, measure, slice_angles, slice_endplates
 from pipelines.series import Series, pick_series
 from pipelines.spine_seg import BODY, DISC, S1, SPLIT_MM, Labelled, Model, _components, segment, voxel_mm3
 from training.datasets.real_lumbar import UNNAMED_BASE
@@ -55,6 +55,7 @@ class StudyResult:
     endplate_tilt: dict[str, float] = field(default_factory=dict)  # see endplate_tilt_errors
     contrast: str | None = None  # phantom studies: the one series' contrast
     spread: dict[str, float] = field(default_factory=dict)  # our angles' spread over the central slices, see measure
+    flagged: set[str] = field(default_factory=set)  # the spans `measure` flags uncertain
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -78,6 +79,7 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
     measured = measure(pred.labels, series)
     r.angles = {a.span: a.degrees for a in measured.angles}
     r.spread = {a.span: a.spread_deg for a in measured.angles if a.spread_deg is not None}
+    r.flagged = {a.span for a in measured.angles if a.uncertain}
     r.problems = r.problems + measured.problems
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
     r.endplate_tilt = endplate_tilt_errors(pred.labels, truth, series)
@@ -352,13 +354,13 @@ def report(model: Model, phantom: list[StudyResult], real: list[StudyResult], ou
 
 def flagged_errors(results: list[StudyResult]) -> dict[str, dict]:
     """Per span, the studies whose angle `measure` flags as uncertain (its per-slice values spread over
-    SPREAD_DEG) and the angle error of those against the others: whether the flag tells a radiologist
-    which angles to check."""
+    SPREAD_DEG, or L5's size doubts the naming) and the angle error of those against the others:
+    whether the flag tells a radiologist which angles to check."""
     out = {}
     for span in ("L1-S1", "L1-L5"):
         both = [r for r in results if span in r.angles and span in r.reference_angles]
         groups = {flag: [abs(r.angles[span] - r.reference_angles[span]) for r in both
-                         if uncertain(r.spread.get(span)) == flag] for flag in (True, False)}
+                         if (span in r.flagged) == flag] for flag in (True, False)}
         out[span] = {"flagged": len(groups[True]), "of": len(both),
                      "mae_flagged": float(np.mean(groups[True])) if groups[True] else None,
                      "mae_others": float(np.mean(groups[False])) if groups[False] else None}
@@ -437,7 +439,8 @@ def _markdown(model: Model, m: dict, phantom: list[StudyResult], real: list[Stud
         flags = [f"{span} {v['flagged']} of {v['of']} (MAE {_fmt(v['mae_flagged'])} deg; the others {_fmt(v['mae_others'])})"
                  for span, v in m[where].get("angles flagged uncertain", {}).items() if v["of"]]
         if flags:
-            lines.append(f"- {where} angles flagged uncertain (spread over {SPREAD_DEG:g} deg across the central slices): "
+            lines.append(f"- {where} angles flagged uncertain (spread over {SPREAD_DEG:g} deg across the central slices, "
+                         f"or L5's size doubting the naming): "
                          f"{', '.join(flags)}.")
     split = m["real"].get("angle_L1-L5_manual_odd_vs_even_slices")
     if split:
