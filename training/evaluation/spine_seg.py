@@ -54,8 +54,7 @@ class StudyResult:
     reference_split: float | None = None  # real cases: see reference_split
     endplate_tilt: dict[str, float] = field(default_factory=dict)  # see endplate_tilt_errors
     contrast: str | None = None  # phantom studies: the one series' contrast
-    spread: dict[str, float] = field(default_factory=dict)  # our angles' spread over the central slices, see measure
-    flagged: set[str] = field(default_factory=set)  # the spans `measure` flags uncertain
+    flagged: set[str] = field(default_factory=set)  # the spans `measure` flags uncertain (spread, L5's size)
 
 
 def load_study(folder: Path) -> tuple[Series, np.ndarray, np.ndarray | None]:
@@ -78,7 +77,6 @@ def evaluate_study(folder: Path, model: Model, structures: list[str]) -> StudyRe
     r.named_ok = named_ok(r.dice)
     measured = measure(pred.labels, series)
     r.angles = {a.span: a.degrees for a in measured.angles}
-    r.spread = {a.span: a.spread_deg for a in measured.angles if a.spread_deg is not None}
     r.flagged = {a.span for a in measured.angles if a.uncertain}
     r.problems = r.problems + measured.problems
     r.reference_angles = {a.span: a.degrees for a in measure(truth, series).angles}
